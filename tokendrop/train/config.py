@@ -1,0 +1,293 @@
+"""Typed training configuration: dataclasses loaded from YAML, overridden with ``--set a.b=value``.
+
+Every field declares its allowed values (``choices``) or range (``lo``/``hi``); an unknown key or an
+out-of-range value raises :class:`ConfigError` naming the key. Shipped configs live in
+``tokendrop/configs/*.yaml`` and are found by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is out of range."""
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+       hi_open: bool = False, choices: tuple | None = None, doc: str = "") -> Any:
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("hybrid_vit_ptd", doc="backbone registered with timm (hybrid_vit_ptd, hybrid_vit_ctd, hybrid_vit_tiny, or any timm ViT)")
+    drop_rate: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="dropout after the position embedding, attention projection and MLP")
+    drop_path_rate: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="maximum stochastic-depth rate (linear over blocks)")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder"), doc="data set")
+    root: str = _f("data", doc="directory holding (or receiving) the data set files")
+    download: bool = _f(True, doc="download CIFAR through torchvision when missing (needs the internet)")
+    img_size: int = _f(0, lo=0, doc="input side in pixels; 0 = the data set's native size (digits: 32)")
+    train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
+    val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
+    workers: int = _f(2, lo=0, doc="DataLoader worker processes")
+
+
+@dataclass
+class AugmentConfig:
+    crop_padding: int = _f(4, lo=0, doc="RandomCrop(img_size, padding); 0 disables")
+    hflip: bool = _f(True, doc="random horizontal flip")
+    randaugment_ops: int = _f(2, lo=0, doc="RandAugment num_ops; 0 disables")
+    randaugment_magnitude: int = _f(10, lo=0, hi=30, doc="RandAugment magnitude")
+    autoaugment: bool = _f(False, doc="AutoAugment with the CIFAR-10 policy (seed 001)")
+    random_erasing: float = _f(0.0, lo=0.0, hi=1.0, doc="RandomErasing probability (random fill)")
+    mixup_alpha: float = _f(0.0, lo=0.0, doc="Mixup beta-distribution alpha; 0 disables")
+    cutmix_alpha: float = _f(0.0, lo=0.0, doc="CutMix beta-distribution alpha; 0 disables")
+    mix_prob: float = _f(1.0, lo=0.0, hi=1.0, doc="probability of mixing a batch at all")
+    mix_switch_prob: float = _f(0.5, lo=0.0, hi=1.0, doc="probability of CutMix instead of Mixup when both are on")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _f(200, lo=1, doc="training epochs")
+    batch_size: int = _f(128, lo=1, doc="training batch size (per process)")
+    eval_batch_size: int = _f(256, lo=1, doc="evaluation batch size")
+    lr: float = _f(4e-4, lo=0.0, lo_open=True, doc="AdamW peak learning rate")
+    weight_decay: float = _f(0.05, lo=0.0, doc="AdamW weight decay")
+    betas: list = _f([0.9, 0.999], doc="AdamW betas")
+    warmup_epochs: float = _f(5.0, lo=0.0, doc="linear warm-up length in epochs")
+    min_lr_ratio: float = _f(0.0, lo=0.0, hi=1.0, doc="cosine floor as a fraction of lr")
+    lr_unit: str = _f("epoch", choices=("epoch", "step"), doc="evaluate warmup+cosine per epoch (PTD notebook) or per step (baseline notebook)")
+    label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="label smoothing of the cross-entropy")
+    clip_grad: float = _f(1.0, lo=0.0, doc="global gradient-norm clipping; 0 disables")
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = _f(False, doc="keep an exponential moving average of the weights, validate it every epoch")
+    decay: float = _f(0.9999, lo=0.0, hi=1.0, doc="EMA decay")
+    warmup: str = _f("torch_ema", choices=("torch_ema", "none"), doc="torch_ema: decay_n = min(decay, (1+n)/(10+n)), parameters only (the seeds); none: timm ModelEmaV3 with a constant decay (parameters and buffers)")
+
+
+@dataclass
+class TokenDropConfig:
+    enabled: bool = _f(False, doc="attach token drop (active in training only; evaluation uses every token)")
+    score: str = _f("cls_attention", choices=("cls_attention", "random", "gradient", "l1", "l2", "linf"), doc="token saliency")
+    blocks: list = _f([0], doc="0-based block indices of the drop sites")
+    schedule: str = _f("curriculum", choices=("curriculum", "linear", "cosine", "step", "constant"), doc="drop-ratio schedule shape")
+    start: float = _f(40.0, lo=0.0, doc="curriculum start epoch t_s")
+    end: float = _f(140.0, lo=0.0, doc="curriculum end epoch t_e (> start)")
+    initial: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="drop ratio before t_s")
+    final: float = _f(0.35, lo=0.0, hi=1.0, hi_open=True, doc="drop ratio from t_e on (constant schedule: the drop ratio)")
+    gamma: float = _f(2.0, lo=0.0, lo_open=True, doc="curriculum exponent")
+    steps: int = _f(4, lo=1, doc="number of steps of the step schedule")
+    relative_to: str = _f("entering", choices=("entering", "original"), doc="keep count over tokens entering the site or over the original patches")
+    per_step: bool = _f(False, doc="move the schedule every step (fractional epoch) instead of once per epoch (the reference)")
+
+
+@dataclass
+class RunConfig:
+    device: str = _f("auto", doc="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    amp: str = _f("auto", choices=("auto", "bf16", "off"), doc="auto = bf16 autocast on CUDA, fp32 elsewhere")
+    compile: bool = _f(False, doc="torch.compile the model (CUDA only; optional)")
+    deterministic: bool = _f(False, doc="torch.use_deterministic_algorithms where PyTorch allows")
+    threads: int = _f(0, lo=0, doc="CPU threads for torch; 0 = PyTorch's default")
+
+
+@dataclass
+class Config:
+    name: str = _f("run", doc="run name (output directory under --out)")
+    reproduces: str = _f("", doc="the seed result this config reproduces")
+    seed: int = _f(42, lo=0, doc="random seed")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (for YAML and checkpoints)."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert ``value`` to the field type ``typ``; raise ConfigError naming ``key`` otherwise."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return out
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if typ is list or get_origin(typ) is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _check(key: str, value: Any, meta: dict) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        below = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+        above = hi is not None and (value >= hi if meta.get("hi_open") else value > hi)
+        if below or above:
+            left = "(" if meta.get("lo_open") else "["
+            right = ")" if meta.get("hi_open") else "]"
+            rng = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            raise ConfigError(f"{key}: {value!r} is outside the allowed range {rng}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = get_type_hints(type(obj))
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"{key}: unknown key (allowed: {', '.join(names)})")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+            _apply(current, v, key + ".")
+            continue
+        value = _coerce(key, v, hints[k])
+        _check(key, value, names[k].metadata)
+        setattr(obj, k, value)
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks that single-field ranges cannot express."""
+    td = cfg.token_drop
+    if td.enabled and td.schedule != "constant" and td.end <= td.start:
+        raise ConfigError(f"token_drop.end: {td.end} must be greater than token_drop.start ({td.start})")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in td.blocks) or not td.blocks:
+        raise ConfigError(f"token_drop.blocks: {td.blocks!r} must be a non-empty list of block indices >= 0")
+    if len(set(td.blocks)) != len(td.blocks):
+        raise ConfigError(f"token_drop.blocks: {td.blocks!r} names a block twice")
+    if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
+    if cfg.augment.autoaugment and cfg.augment.randaugment_ops:
+        raise ConfigError("augment.autoaugment: use either AutoAugment or RandAugment (set augment.randaugment_ops=0)")
+
+
+def config_path(name_or_path: str) -> Path:
+    """Resolve a shipped config name (``cifar100_ptd_mix_ema``) or a YAML path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config: file {p} does not exist")
+        return p
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not shipped.is_file():
+        raise ConfigError(f"config: no shipped config named {name_or_path!r} (see `tokendrop configs`)")
+    return shipped
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["optim.lr=1e-3", "token_drop.blocks=[0,1]"]`` into a nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict."""
+    cfg = Config()
+    _apply(cfg, data or {})
+    _validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a shipped or user YAML config, apply ``--set`` overrides, validate."""
+    path = config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping")
+    data.setdefault("name", path.stem)
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_reference() -> list[tuple[str, str, str]]:
+    """(key, default, description) for every config key — the README's key table."""
+    rows = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, prefix + f.name + ".")
+            else:
+                rows.append((prefix + f.name, repr(value), f.metadata.get("doc", "")))
+
+    walk(Config(), "")
+    return rows
