@@ -1,0 +1,226 @@
+"""Data sets, transforms and loaders (CPU, offline)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tokendrop.train import data as D
+from tokendrop.train.config import AugmentConfig, DataConfig
+
+HAVE_FMNIST = all((D.FASHION_MNIST_SYSTEM_DIR / f).is_file() for f in D.FASHION_MNIST_FILES.values())
+needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist")
+
+NO_AUG = AugmentConfig(crop_padding=0, hflip=False, randaugment_ops=0, random_erasing=0.0)
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return D.build_datasets(DataConfig(dataset="fashion-mnist", root="/nonexistent-root"), NO_AUG, seed=0)
+
+
+@needs_fmnist
+def test_fashion_mnist_from_debian_dir(fmnist):
+    train, val, info = fmnist
+    assert (len(train), len(val)) == (60000, 10000)
+    assert (info.num_classes, info.in_chans, info.img_size) == (10, 1, 28)
+    for ds in (train, val):
+        assert set(ds.targets) == set(range(10))
+    x, y = train[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32 and isinstance(y, int)
+    batch = torch.stack([train[i][0] for i in range(0, 60000, 60)])  # 1000 images
+    assert abs(batch.mean().item()) < 0.05
+    assert abs(batch.std().item() - 1.0) < 0.05
+
+
+@needs_fmnist
+def test_fashion_mnist_stats_match_data(fmnist):
+    hist = np.bincount(fmnist[0].images.ravel(), minlength=256).astype(np.float64)
+    v = np.arange(256) / 255.0
+    mean = (hist * v).sum() / hist.sum()
+    std = np.sqrt((hist * (v - mean) ** 2).sum() / hist.sum())
+    info = D.dataset_info("fashion-mnist")
+    assert abs(mean - info.mean[0]) < 1e-3 and abs(std - info.std[0]) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.float32])
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_round_trip(tmp_path, dtype, suffix):
+    arr = (np.arange(2 * 3 * 5) * 7 % 251).reshape(2, 3, 5).astype(dtype)
+    path = tmp_path / f"x-idx3-ubyte{suffix}"
+    D.write_idx(path, arr)
+    back = D.read_idx(path)
+    assert back.shape == arr.shape and back.dtype == arr.dtype
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_idx_parser_reads_handwritten_header(tmp_path):
+    # magic 0x00000801 (uint8, 1 dim), length 3, then the bytes — written by hand, not by write_idx.
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 4, 2, 9]))
+    np.testing.assert_array_equal(D.read_idx(path), [4, 2, 9])
+    path.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 4, 2, 9]))  # truncated
+    with pytest.raises(ValueError, match="bytes"):
+        D.read_idx(path)
+
+
+def test_fashion_mnist_from_root_subdir(tmp_path):
+    sub = tmp_path / "fashion-mnist"
+    sub.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 5)):
+        D.write_idx(sub / D.FASHION_MNIST_FILES[f"{split}_images"], rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        D.write_idx(sub / D.FASHION_MNIST_FILES[f"{split}_labels"], (np.arange(n) % 10).astype(np.uint8))
+    train, val, _ = D.build_datasets(DataConfig(dataset="fashion-mnist", root=str(tmp_path)), NO_AUG, 0)
+    assert (len(train), len(val)) == (12, 5)
+    assert val[3][1] == 3
+
+
+def test_fashion_mnist_missing(tmp_path, monkeypatch):
+    missing_sys = tmp_path / "no-such-system-dir"
+    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIR", missing_sys)
+    root = tmp_path / "empty"
+    root.mkdir()
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.build_datasets(DataConfig(dataset="fashion-mnist", root=str(root)), NO_AUG, 0)
+    msg = str(e.value)
+    assert isinstance(e.value, FileNotFoundError)
+    assert "\n" not in msg
+    for d in (root, root / "fashion-mnist", missing_sys):
+        assert str(d) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+
+
+@pytest.mark.parametrize("name,folder", [("cifar100", "cifar-100-python"), ("cifar10", "cifar-10-batches-py")])
+def test_cifar_missing_no_download(tmp_path, name, folder):
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.build_datasets(DataConfig(dataset=name, root=str(tmp_path), download=False), NO_AUG, 0)
+    msg = str(e.value)
+    assert str(tmp_path.resolve()) in msg and folder in msg and "\n" not in msg
+    assert "data.download=true" in msg
+
+
+def test_cifar_download_failure_is_reported(tmp_path, monkeypatch):
+    """A failing download (simulated: no network is touched) becomes a DatasetNotFoundError."""
+    import socket
+    import urllib.error
+
+    from torchvision.datasets import CIFAR100
+
+    def offline(*args, **kwargs):
+        assert socket.getdefaulttimeout() == D.DOWNLOAD_TIMEOUT_S
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(CIFAR100, "download", offline)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(D.DatasetNotFoundError, match="download failed.*URLError"):
+        D.build_datasets(DataConfig(dataset="cifar100", root=str(tmp_path), download=True), NO_AUG, 0)
+    assert socket.getdefaulttimeout() == before
+
+
+def test_digits():
+    train, val, info = D.build_datasets(DataConfig(dataset="digits"), AugmentConfig(), 0)
+    assert (len(train), len(val)) == (1347, 450)
+    assert (info.num_classes, info.in_chans, info.img_size) == (10, 1, 32)
+    assert train[0][0].shape == (1, 32, 32) and val[0][0].shape == (1, 32, 32)
+    assert set(val.targets) == set(range(10))
+    # The split is fixed: the same images whatever the seed.
+    again, _, _ = D.build_datasets(DataConfig(dataset="digits"), AugmentConfig(), 123)
+    np.testing.assert_array_equal(train.images, again.images)
+
+
+def test_digits_stats_match_data():
+    xtr = D.digits_arrays()[0].astype(np.float64) / 255.0
+    info = D.dataset_info("digits")
+    assert abs(xtr.mean() - info.mean[0]) < 1e-3 and abs(xtr.std() - info.std[0]) < 1e-3
+
+
+def test_subsets_deterministic():
+    cfg = DataConfig(dataset="digits", train_subset=100, val_subset=30)
+    a_tr, a_va, _ = D.build_datasets(cfg, NO_AUG, seed=7)
+    b_tr, b_va, _ = D.build_datasets(cfg, NO_AUG, seed=7)
+    c_tr, _, _ = D.build_datasets(cfg, NO_AUG, seed=8)
+    assert (len(a_tr), len(a_va)) == (100, 30)
+    assert a_tr.indices == b_tr.indices and a_va.indices == b_va.indices
+    assert a_tr.indices != c_tr.indices
+    assert len(set(a_tr.indices)) == 100
+    big = DataConfig(dataset="digits", train_subset=10**6, val_subset=0)
+    tr, va, _ = D.build_datasets(big, NO_AUG, seed=7)
+    assert (len(tr), len(va)) == (1347, 450)
+
+
+@pytest.mark.parametrize("mode,info_name", [("L", "fashion-mnist"), ("RGB", "cifar100")])
+@pytest.mark.parametrize("auto", [False, True])
+def test_train_transforms_run(mode, info_name, auto):
+    info = D.dataset_info(info_name)
+    aug = AugmentConfig(crop_padding=4, hflip=True, randaugment_ops=0 if auto else 2, randaugment_magnitude=15,
+                        autoaugment=auto, random_erasing=1.0)
+    shape = (info.img_size, info.img_size) + (() if mode == "L" else (3,))
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    for size in (0, 40):
+        tf = D.build_transforms(info, aug, size, train=True)
+        names = [type(t).__name__ for t in tf.transforms]
+        assert ("AutoAugment" in names) == auto and ("RandAugment" in names) != auto
+        assert names[-1] == "RandomErasing" and ("Resize" in names) == (size == 40)
+        side = size or info.img_size
+        for _ in range(20):
+            x = tf(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)))
+            assert x.shape == (info.in_chans, side, side) and torch.isfinite(x).all()
+    ev = D.build_transforms(info, aug, 0, train=False)
+    assert [type(t).__name__ for t in ev.transforms] == ["ToTensor", "Normalize"]
+
+
+def test_dataset_info():
+    assert D.dataset_info("cifar100").mean == (0.5071, 0.4867, 0.4408)
+    assert D.dataset_info("cifar100").std == (0.2675, 0.2565, 0.2761)
+    assert D.dataset_info("cifar10").num_classes == 10
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        D.dataset_info("digits").num_classes = 3
+    with pytest.raises(ValueError, match="unknown"):
+        D.dataset_info("mnist")
+
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_loader_determinism():
+    aug = AugmentConfig(randaugment_ops=2, random_erasing=0.25)
+    train, val, _ = D.build_datasets(DataConfig(dataset="digits", train_subset=96, val_subset=40), aug, 0)
+    runs = []
+    # (loader seed, global torch seed): the order must follow the loader seed alone; the augmentations
+    # draw from the global RNG when workers=0.
+    for seed, global_seed in ((3, 100), (3, 100), (3, 200), (4, 100)):
+        tl, vl, sampler = D.build_loaders(train, val, 16, 32, workers=0, seed=seed, drop_last=True)
+        assert sampler is None and tl.pin_memory == torch.cuda.is_available()
+        torch.manual_seed(global_seed)
+        runs.append((_batches(tl), _batches(vl)))
+    (a_tr, a_va), (b_tr, b_va), (g_tr, _), (c_tr, c_va) = runs
+    assert len(a_tr) == 6 and len(a_va) == 2 and a_va[1][0].shape[0] == 8
+    for (xa, ya), (xb, yb) in zip(a_tr + a_va, b_tr + b_va):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for (_, ya), (_, yg) in zip(a_tr, g_tr):  # same loader seed, other global RNG: same order
+        assert torch.equal(ya, yg)
+    assert not all(torch.equal(ya, yc) for (_, ya), (_, yc) in zip(a_tr, c_tr))  # another seed, another order
+    for (_, ya), (_, yc) in zip(a_va, c_va):  # val is never shuffled
+        assert torch.equal(ya, yc)
+    # Two epochs of one loader differ in order.
+    tl, _, _ = D.build_loaders(train, val, 16, 32, workers=0, seed=3, drop_last=False)
+    assert [y.tolist() for _, y in tl] != [y.tolist() for _, y in tl]
+
+
+def test_loader_workers_deterministic():
+    train, val, _ = D.build_datasets(DataConfig(dataset="digits", train_subset=32, val_subset=8),
+                                     AugmentConfig(randaugment_ops=2), 0)
+    out = []
+    for _ in range(2):
+        tl, vl, _ = D.build_loaders(train, val, 8, 8, workers=1, seed=5, drop_last=False)
+        assert tl.persistent_workers and tl.worker_init_fn is D.seed_worker
+        out.append(torch.cat([x for x, _ in tl]))
+        del tl, vl
+    assert torch.equal(out[0], out[1])

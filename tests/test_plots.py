@@ -1,0 +1,89 @@
+"""Plots of metrics.csv."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tokendrop.train import plots
+
+HEADER = ("epoch,train_loss,train_acc,val_loss_raw,val_acc_raw,val_loss_ema,val_acc_ema,lr,drop_ratio,"
+          "kept_tokens,epoch_time_sec,train_imgs_per_sec")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN_PLOTS = ["accuracy.png", "loss.png", "lr.png", "drop_ratio.png", "epoch_time.png"]
+
+
+def write_run(run_dir: Path, epochs: int = 6, ema: bool = True, time_s: float = 10.0) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [HEADER]
+    for e in range(epochs):
+        ema_cells = f"{2.5 - 0.2 * e:.3f},{20 + 6 * e:.2f}" if ema else ","
+        drop = min(0.35, 0.1 * e)
+        rows.append(f"{e},{3.0 - 0.3 * e:.3f},{10 + 7 * e:.2f},{2.8 - 0.25 * e:.3f},{15 + 5 * e:.2f},{ema_cells},"
+                    f"{4e-4 * (e + 1) / epochs:.6g},{drop:.3f},{round(64 * (1 - drop))},{time_s},{50000 / time_s:.1f}")
+    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run_dir
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_read_metrics(tmp_path):
+    run = write_run(tmp_path / "r", epochs=3, ema=False)
+    m = plots.read_metrics(run / "metrics.csv")
+    assert list(m) == HEADER.split(",")
+    assert m["epoch"] == [0.0, 1.0, 2.0]
+    assert m["val_acc_raw"] == [15.0, 20.0, 25.0]
+    assert all(math.isnan(v) for v in m["val_acc_ema"] + m["val_loss_ema"])
+    assert plots.read_metrics(run)["train_acc"] == m["train_acc"]  # a directory is accepted too
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_plot_run_writes_pngs(tmp_path, ema):
+    run = write_run(tmp_path / ("ema" if ema else "raw"), ema=ema)
+    paths = plots.plot_run(run)
+    assert [p.name for p in paths] == RUN_PLOTS
+    for p in paths:
+        assert p.parent == run / "plots"
+        assert_png(p)
+
+
+def test_plot_run_single_epoch(tmp_path):
+    paths = plots.plot_run(write_run(tmp_path / "one", epochs=1))
+    assert len(paths) == 5
+
+
+def test_plot_run_with_compare(tmp_path):
+    base = write_run(tmp_path / "baseline", ema=False, time_s=12.0)
+    ptd = write_run(tmp_path / "ptd", ema=True, time_s=9.0)
+    paths = plots.plot_run(ptd, compare=[base])
+    assert [p.name for p in paths] == RUN_PLOTS + ["comparison.png"]
+    assert_png(paths[-1])
+
+
+def test_plot_comparison(tmp_path):
+    runs = {"baseline": write_run(tmp_path / "b", epochs=8, ema=False, time_s=700.0),
+            "PTD": write_run(tmp_path / "p", epochs=5, ema=True, time_s=500.0) / "metrics.csv"}
+    out = plots.plot_comparison(runs, tmp_path / "cmp" / "comparison.png")
+    assert out == tmp_path / "cmp" / "comparison.png"
+    assert_png(out)
+    with pytest.raises(ValueError):
+        plots.plot_comparison({}, tmp_path / "x.png")
+
+
+def test_missing_or_empty_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics"):
+        plots.plot_run(tmp_path / "nothing")
+    run = tmp_path / "empty"
+    run.mkdir()
+    (run / "metrics.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_run(run)
+    (run / "metrics.csv").write_text(HEADER + "\n")
+    with pytest.raises(ValueError, match="no epochs"):
+        plots.plot_run(run)
+    assert not (run / "plots").exists() or not any((run / "plots").iterdir())

@@ -1,0 +1,127 @@
+"""Drop-ratio schedules: how many tokens a site removes as training progresses.
+
+A schedule maps the (possibly fractional) epoch ``t`` to a drop ratio ``d(t)`` in [0, 1). The keep
+count over ``n`` tokens is :func:`keep_count` — ``max(1, int(n·(1−d)))`` as the seeds' reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def _check_ratio(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name}: {value!r} is outside the allowed range [0, 1)")
+    return float(value)
+
+
+def keep_count(n: int, drop_ratio: float) -> int:
+    """Tokens kept out of ``n`` at drop ratio ``d``: ``max(1, int(n·(1−d)))`` (the reference's rounding)."""
+    return max(1, int(n * (1.0 - drop_ratio)))
+
+
+class Schedule:
+    """Base class: ``schedule(t)`` returns the drop ratio at epoch ``t``."""
+
+    def __call__(self, epoch: float) -> float:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class Constant(Schedule):
+    """The same drop ratio ``1 − keep_rate`` at every epoch (post-hoc pruning, seed 004's keep rates)."""
+
+    def __init__(self, keep_rate: float) -> None:
+        if not (isinstance(keep_rate, (int, float)) and 0.0 < keep_rate <= 1.0):
+            raise ValueError(f"keep_rate: {keep_rate!r} is outside the allowed range (0, 1]")
+        self.keep_rate = float(keep_rate)
+
+    def __call__(self, epoch: float) -> float:
+        return 1.0 - self.keep_rate
+
+
+class Ramp(Schedule):
+    """``d(t) = initial`` before ``start``, ``final`` from ``end`` on, and
+    ``initial + shape((t − start)/(end − start))·(final − initial)`` in between.
+    Subclasses define ``shape`` on [0, 1] with shape(0) = 0 and shape(1) = 1."""
+
+    def __init__(self, start: float, end: float, initial: float = 0.0, final: float = 0.35) -> None:
+        if end <= start:
+            raise ValueError(f"end: {end!r} must be greater than start ({start!r})")
+        if start < 0:
+            raise ValueError(f"start: {start!r} is outside the allowed range [0, inf)")
+        self.start, self.end = float(start), float(end)
+        self.initial = _check_ratio("initial", initial)
+        self.final = _check_ratio("final", final)
+
+    def shape(self, progress: float) -> float:
+        raise NotImplementedError
+
+    def __call__(self, epoch: float) -> float:
+        if epoch < self.start:
+            return self.initial
+        if epoch >= self.end:
+            return self.final
+        progress = (epoch - self.start) / (self.end - self.start)
+        return self.initial + self.shape(progress) * (self.final - self.initial)
+
+
+class Curriculum(Ramp):
+    """Seed 000 §2.2 / seed 001: the polynomial curriculum ``shape(p) = p**gamma``.
+    PTD: ``Curriculum(40, 140, final=0.35, gamma=2.0)``; CTD: ``Curriculum(20, 160, final=0.35, gamma=1.5)``."""
+
+    def __init__(self, start: float, end: float, initial: float = 0.0, final: float = 0.35, gamma: float = 2.0) -> None:
+        super().__init__(start, end, initial, final)
+        if not (isinstance(gamma, (int, float)) and gamma > 0 and math.isfinite(gamma)):
+            raise ValueError(f"gamma: {gamma!r} is outside the allowed range (0, inf)")
+        self.gamma = float(gamma)
+
+    def shape(self, progress: float) -> float:
+        return progress ** self.gamma
+
+
+class Linear(Ramp):
+    """Linear ramp (the curriculum with gamma = 1), seed 001's schedule-shape ablation."""
+
+    def shape(self, progress: float) -> float:
+        return progress
+
+
+class Cosine(Ramp):
+    """Half-cosine ramp: ``(1 − cos(π p)) / 2`` — slow at both ends."""
+
+    def shape(self, progress: float) -> float:
+        return 0.5 * (1.0 - math.cos(math.pi * progress))
+
+
+class Step(Ramp):
+    """Staircase: ``steps`` equal jumps, ``floor(p·steps)/steps`` (reaches ``final`` at ``end``)."""
+
+    def __init__(self, start: float, end: float, initial: float = 0.0, final: float = 0.35, steps: int = 4) -> None:
+        super().__init__(start, end, initial, final)
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps: {steps!r} is outside the allowed range [1, inf)")
+        self.steps = steps
+
+    def shape(self, progress: float) -> float:
+        return math.floor(progress * self.steps) / self.steps
+
+
+def make_schedule(kind: str, *, start: float = 40, end: float = 140, initial: float = 0.0, final: float = 0.35,
+                  gamma: float = 2.0, steps: int = 4) -> Schedule:
+    """Build a schedule by name (``curriculum``, ``linear``, ``cosine``, ``step``, ``constant``).
+    ``constant`` drops ``final`` throughout."""
+    if kind == "curriculum":
+        return Curriculum(start, end, initial, final, gamma)
+    if kind == "linear":
+        return Linear(start, end, initial, final)
+    if kind == "cosine":
+        return Cosine(start, end, initial, final)
+    if kind == "step":
+        return Step(start, end, initial, final, steps)
+    if kind == "constant":
+        return Constant(1.0 - _check_ratio("final", final))
+    raise ValueError(f"schedule: unknown schedule {kind!r} (allowed: curriculum, linear, cosine, step, constant)")
