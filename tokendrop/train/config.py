@@ -259,9 +259,11 @@ def config_from_dict(data: dict) -> Config:
     return cfg
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
-    """Load a shipped or user YAML config, apply ``--set`` overrides, validate."""
+def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A config file as a dict, with its ``base:`` config (a shipped name or path) merged underneath."""
     path = config_path(name_or_path)
+    if str(path) in seen:
+        raise ConfigError(f"base: {path} includes itself")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -269,7 +271,19 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping")
     data.setdefault("name", path.stem)
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    ref = Path(str(base))
+    if ref.suffix in (".yaml", ".yml") and not ref.is_absolute():
+        ref = path.parent / ref  # a relative base file is found next to the config
+    parent = _read_yaml(str(ref), seen + (str(path),))
+    return _merge(parent, data)
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load a shipped or user YAML config (following ``base:``), apply ``--set`` overrides, validate."""
+    return config_from_dict(_merge(_read_yaml(name_or_path), parse_overrides(overrides or [])))
 
 
 def shipped_configs() -> list[str]:

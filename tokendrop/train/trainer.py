@@ -1,0 +1,405 @@
+"""The training loop of the seeds' recipe: AdamW, warmup + cosine, label smoothing, clipping,
+Mixup/CutMix, EMA, token-drop curriculum, per-epoch metrics, atomic checkpoints, resume and DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from .. import reduction as red
+from ..models import build_model
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
+from .config import Config, config_from_dict
+from .data import build_datasets, build_loaders
+from .distributed import all_reduce_sum, cleanup, init_distributed, is_distributed
+from .ema import build_ema
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_raw", "val_loss_ema", "val_acc_ema",
+                  "lr", "drop_ratio", "kept_tokens", "epoch_time_sec", "train_imgs_per_sec")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA, then Apple MPS, then CPU; otherwise the named device (checked to exist)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {name!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"run.device: {name!r} requested but MPS is not available")
+    return dev
+
+
+def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto``/``bf16``), full precision elsewhere."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask PyTorch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def lr_factor(t: float, warmup: float, total: float, min_ratio: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` units, then cosine to ``min_ratio`` at ``total`` (units: epochs or
+    steps). ``t`` counts from 0; the first unit already gets ``1/warmup``."""
+    if t < warmup:
+        return (t + 1) / warmup
+    progress = min(1.0, (t - warmup) / max(1e-12, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_token_drop(model: nn.Module, cfg: Config) -> None:
+    """Attach the config's token-drop sites (active in training only)."""
+    td = cfg.token_drop
+    if not td.enabled:
+        return
+    schedule = red.make_schedule(td.schedule, start=td.start, end=td.end, initial=td.initial, final=td.final,
+                                 gamma=td.gamma, steps=td.steps)
+    red.attach(model, red.TopK(td.score), blocks=list(td.blocks), schedule=schedule, when="train",
+               relative_to=td.relative_to)
+
+
+def build_run_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """The backbone of ``cfg`` with its token-drop sites."""
+    try:
+        model = build_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
+                            drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+    except ValueError as e:
+        raise ValueError(f"model.name: {e}") from None
+    try:
+        build_token_drop(model, cfg)
+    except ValueError as e:
+        raise ValueError(f"token_drop.{e}") from None
+    return model
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, the CLS token and the position embedding (timm's convention)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float  # percent
+    count: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> EvalResult:
+    """Cross-entropy and top-1 accuracy (percent) over ``loader``, summed over all processes."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+        correct += (logits.argmax(1) == targets).sum().item()
+        count += targets.numel()
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
+    return EvalResult(loss_sum / max(count, 1), 100.0 * correct / max(count, 1), int(count))
+
+
+class Trainer:
+    """One training run in ``out_dir``; rank 0 writes ``config.yaml``, ``metrics.csv``, checkpoints, plots."""
+
+    def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.progress = progress
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = pick_device(cfg.run.device)
+        self.rank, self.world, local_rank = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        seed_everything(cfg.seed + self.rank, cfg.run.deterministic)
+
+        train_ds, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
+        self.info = info
+        if self.world > 1:  # shard validation without padding (no sample counted twice)
+            val_ds = torch.utils.data.Subset(val_ds, list(range(self.rank, len(val_ds), self.world)))
+        self.mixup_on = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0
+        self.train_loader, self.val_loader, self.sampler = build_loaders(
+            train_ds, val_ds, cfg.optim.batch_size, cfg.optim.eval_batch_size, cfg.data.workers, cfg.seed,
+            drop_last=self.mixup_on, distributed=self.world > 1)
+        if len(self.train_loader) == 0:
+            raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the training set ({len(train_ds)})")
+        self.steps_per_epoch = len(self.train_loader)
+        img_size = cfg.data.img_size or info.img_size
+
+        self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
+        self.ema = build_ema(self.model, cfg.ema.decay, cfg.ema.warmup).to(self.device) if cfg.ema.enabled else None
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
+        total = o.epochs if o.lr_unit == "epoch" else o.epochs * self.steps_per_epoch
+        warm = o.warmup_epochs if o.lr_unit == "epoch" else o.warmup_epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: lr_factor(t, warm, total, o.min_lr_ratio))
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.run.compile and self.device.type == "cuda":
+            self.net = torch.compile(self.net)
+
+        if self.mixup_on:
+            from timm.data import Mixup
+            from timm.loss import SoftTargetCrossEntropy
+
+            a = cfg.augment
+            self.mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
+                               switch_prob=a.mix_switch_prob, label_smoothing=o.label_smoothing,
+                               num_classes=info.num_classes)
+            self.loss_fn = SoftTargetCrossEntropy()
+        else:
+            self.mixup = None
+            self.loss_fn = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+
+        self.start_epoch, self.best_acc = 0, -1.0
+        if self.resume:
+            self._load_resume()
+        elif (self.out_dir / "last.pt").exists():
+            raise CheckpointError(f"{self.out_dir} already holds a run (last.pt); use --resume or another --out")
+
+    def _load_resume(self) -> None:
+        ckpt = load_checkpoint(self.out_dir / "last.pt")
+        old, new = _flatten(ckpt["config"]), _flatten(self.cfg.to_dict())
+        if old != new:
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            raise CheckpointError(f"{self.out_dir / 'last.pt'} was written by a different config (differs in: {', '.join(diff)})")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["ema"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{self.out_dir / 'last.pt'} does not fit this model ({str(e).splitlines()[0]})") from None
+        set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
+        self.start_epoch = ckpt["epoch"] + 1
+        self.best_acc = ckpt["best_acc"]
+
+    # -- one epoch ------------------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg, device = self.cfg, self.device
+        self.net.train()
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        gen = getattr(self.train_loader, "generator", None)
+        if gen is not None:  # data order depends only on (seed, epoch): resumable
+            gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+        loss_sum, correct, seen = 0.0, 0.0, 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main), file=sys.stderr)
+        for step, (images, targets) in enumerate(bar):
+            if cfg.token_drop.per_step:
+                red.set_epoch(self.model, epoch + step / self.steps_per_epoch)
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            labels = targets
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with autocast_context(device, cfg.run.amp):
+                red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
+                logits = self.net(images)
+                loss = self.loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
+                                         f"{self.out_dir / 'last.pt'} keeps the last good epoch")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            self.optimizer.step()
+            if cfg.optim.lr_unit == "step":
+                self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            n = labels.numel()
+            loss_sum += loss.item() * n
+            correct += (logits.argmax(1) == labels).sum().item()  # against the unmixed labels, as the reference
+            seen += n
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
+                            drop=f"{self._drop_ratio():.3f}", refresh=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        loss_sum, correct, seen_all = all_reduce_sum([loss_sum, correct, float(seen)], device)
+        return {"train_loss": loss_sum / seen_all, "train_acc": 100 * correct / seen_all,
+                "epoch_time_sec": elapsed, "train_imgs_per_sec": seen_all / elapsed}
+
+    def _drop_ratio(self) -> float:
+        sites = red.sites(self.model)
+        return sites[0].drop_ratio if sites else 0.0
+
+    def _kept_tokens(self) -> int:
+        kept = red.expected_patch_tokens(self.model, training=True)
+        return kept[-1] if kept else self.model.patch_embed.num_patches
+
+    # -- the run --------------------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int) -> dict:
+        rngs = [rng_state()]
+        if is_distributed():
+            rngs = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng_state())
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": None, "rng": rngs, "epoch": epoch, "best_acc": self.best_acc,
+                "config": self.cfg.to_dict(), "dataset": {"num_classes": self.info.num_classes, "in_chans": self.info.in_chans}}
+
+    def run(self) -> Path:
+        """Train (or resume) to the configured number of epochs. Returns the run directory."""
+        try:
+            self._setup()
+            self._loop()
+        finally:
+            cleanup()
+        return self.out_dir
+
+    def _loop(self) -> None:
+        cfg = self.cfg
+        metrics_path = self.out_dir / "metrics.csv"
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._truncate_metrics(metrics_path)
+            print(f"[tokendrop] {cfg.name}: {cfg.model.name} on {self.info.name} "
+                  f"({len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val per process), "
+                  f"device {self.device}, {self.world} process(es), epochs {self.start_epoch + 1}..{cfg.optim.epochs}",
+                  file=sys.stderr)
+        for epoch in range(self.start_epoch, cfg.optim.epochs):
+            red.set_epoch(self.model, epoch)
+            row = {"epoch": epoch + 1, "drop_ratio": self._drop_ratio(), "kept_tokens": self._kept_tokens(),
+                   "lr": self.optimizer.param_groups[0]["lr"]}
+            row.update(self._train_epoch(epoch))
+            if cfg.optim.lr_unit == "epoch":
+                self.scheduler.step()
+            raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp)
+            row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
+            score = raw.acc
+            if self.ema is not None:
+                ema = evaluate(self.ema.module, self.val_loader, self.device, cfg.run.amp)
+                row.update(val_loss_ema=ema.loss, val_acc_ema=ema.acc)
+                score = ema.acc
+            improved = score > self.best_acc
+            self.best_acc = max(self.best_acc, score)
+            ckpt = self._checkpoint(epoch)
+            if self.is_main:
+                if improved:
+                    save_atomic(ckpt, self.out_dir / "best.pt")
+                self._append_metrics(metrics_path, row)
+                save_atomic(ckpt, self.out_dir / "last.pt")  # last: a resumed run restarts after this epoch
+                ema_txt = f" ema {row['val_acc_ema']:.2f}%" if self.ema is not None else ""
+                print(f"epoch {epoch + 1:>3}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
+                      f"val {raw.acc:.2f}%{ema_txt}  lr {row['lr']:.2e}  drop {row['drop_ratio']:.3f} "
+                      f"({row['kept_tokens']} tokens)  {row['epoch_time_sec']:.1f}s  {row['train_imgs_per_sec']:.0f} img/s",
+                      file=sys.stderr)
+        if self.is_main:
+            from .plots import plot_run
+
+            plot_run(self.out_dir)
+
+    def _truncate_metrics(self, path: Path) -> None:
+        """Keep the header and the rows of epochs already completed (a resumed run appends after them)."""
+        rows = []
+        if self.resume and path.exists():
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @staticmethod
+    def _append_metrics(path: Path, row: dict) -> None:
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+
+
+def train(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train ``cfg`` into ``out_dir`` (resuming from its ``last.pt`` when asked). Returns ``out_dir``."""
+    return Trainer(cfg, out_dir, resume, progress).run()
+
+
+def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None = None) -> dict[str, float]:
+    """Validation loss/accuracy of a checkpoint's raw (and EMA) weights on its config's validation set."""
+    ckpt = load_checkpoint(path)
+    data = ckpt["config"]
+    if overrides:
+        for section, values in overrides.items():
+            data.setdefault(section, {}).update(values)
+    cfg = config_from_dict(data)
+    dev = pick_device(device)
+    _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
+    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.workers)
+    model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit {cfg.model.name} ({str(e).splitlines()[0]})") from None
+    model.to(dev)
+    out = {"epoch": ckpt["epoch"] + 1}
+    raw = evaluate(model, val_loader, dev, cfg.run.amp)
+    out.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc, images=raw.count)
+    if ckpt.get("ema") is not None:
+        ema = build_ema(model, cfg.ema.decay, cfg.ema.warmup)
+        ema.load_state_dict(ckpt["ema"])
+        res = evaluate(ema.module.to(dev), val_loader, dev, cfg.run.amp)
+        out.update(val_loss_ema=res.loss, val_acc_ema=res.acc)
+    return out
