@@ -116,10 +116,14 @@ def test_cifar_download_failure_is_reported(tmp_path, monkeypatch):
         raise urllib.error.URLError("Name or service not known")
 
     monkeypatch.setattr(CIFAR100, "download", offline)
-    before = socket.getdefaulttimeout()
-    with pytest.raises(D.DatasetNotFoundError, match="download failed.*URLError"):
-        D.build_datasets(DataConfig(dataset="cifar100", root=str(tmp_path), download=True), NO_AUG, 0)
-    assert socket.getdefaulttimeout() == before
+    original = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3.5)
+    try:
+        with pytest.raises(D.DatasetNotFoundError, match="download failed.*URLError"):
+            D.build_datasets(DataConfig(dataset="cifar100", root=str(tmp_path), download=True), NO_AUG, 0)
+        assert socket.getdefaulttimeout() == 3.5  # restored
+    finally:
+        socket.setdefaulttimeout(original)
 
 
 def test_digits():
@@ -128,6 +132,8 @@ def test_digits():
     assert (info.num_classes, info.in_chans, info.img_size) == (10, 1, 32)
     assert train[0][0].shape == (1, 32, 32) and val[0][0].shape == (1, 32, 32)
     assert set(val.targets) == set(range(10))
+    n_tr, n_va = np.bincount(train.targets, minlength=10), np.bincount(val.targets, minlength=10)
+    assert np.all(np.abs(n_va - 450 * (n_tr + n_va) / 1797) <= 1)  # stratified
     # The split is fixed: the same images whatever the seed.
     again, _, _ = D.build_datasets(DataConfig(dataset="digits"), AugmentConfig(), 123)
     np.testing.assert_array_equal(train.images, again.images)

@@ -42,14 +42,38 @@ def test_read_metrics(tmp_path):
     assert plots.read_metrics(run)["train_acc"] == m["train_acc"]  # a directory is accepted too
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """Record, per saved file name, the labels of the lines drawn on the figure."""
+    from matplotlib.figure import Figure
+
+    seen: dict[str, list[str]] = {}
+    save = Figure.savefig
+
+    def spy(fig, fname, *args, **kwargs):
+        seen[Path(fname).name] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        return save(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    return seen
+
+
 @pytest.mark.parametrize("ema", [True, False])
-def test_plot_run_writes_pngs(tmp_path, ema):
+def test_plot_run_writes_pngs(tmp_path, ema, drawn):
+    import matplotlib.pyplot as plt
+
     run = write_run(tmp_path / ("ema" if ema else "raw"), ema=ema)
     paths = plots.plot_run(run)
     assert [p.name for p in paths] == RUN_PLOTS
     for p in paths:
         assert p.parent == run / "plots"
         assert_png(p)
+    assert plt.get_fignums() == []  # every figure closed
+    expected = ["train", "val (raw weights)"] + (["val (EMA weights)"] if ema else [])
+    assert drawn["accuracy.png"] == expected and drawn["loss.png"] == expected
+    assert drawn["drop_ratio.png"] == ["drop ratio", "kept tokens"]
+    assert drawn["epoch_time.png"] == ["epoch time", "train images/s"]
+    assert drawn["lr.png"] == ["learning rate"]
 
 
 def test_plot_run_single_epoch(tmp_path):
@@ -65,10 +89,13 @@ def test_plot_run_with_compare(tmp_path):
     assert_png(paths[-1])
 
 
-def test_plot_comparison(tmp_path):
+def test_plot_comparison(tmp_path, drawn):
     runs = {"baseline": write_run(tmp_path / "b", epochs=8, ema=False, time_s=700.0),
             "PTD": write_run(tmp_path / "p", epochs=5, ema=True, time_s=500.0) / "metrics.csv"}
     out = plots.plot_comparison(runs, tmp_path / "cmp" / "comparison.png")
+    labels = drawn["comparison.png"]
+    # accuracy panel first (EMA when the run has it, else raw), then wall time (minutes past 10 min)
+    assert labels == ["baseline (raw, best 50.00%)", "PTD (EMA, best 44.00%)", "baseline (93.3 min)", "PTD (41.7 min)"]
     assert out == tmp_path / "cmp" / "comparison.png"
     assert_png(out)
     with pytest.raises(ValueError):

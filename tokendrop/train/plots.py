@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 METRICS_FILE = "metrics.csv"
 DPI = 120
@@ -63,6 +64,7 @@ def _has(values: list[float]) -> bool:
 def _finish(fig, ax, title: str, ylabel: str | None, out: Path, ax2=None) -> Path:
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel is not None:
         ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
@@ -174,6 +176,7 @@ def plot_comparison(runs: dict[str, Path], out: Path) -> Path:
     ax_time.set_xlabel("epoch")
     ax_time.set_ylabel(f"wall time ({unit})")
     for ax in (ax_acc, ax_time):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best")
