@@ -291,7 +291,9 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, eval_batc
     """
     rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
     gen = torch.Generator().manual_seed(seed + rank)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+    # Workers are not persistent: each epoch starts new workers seeded from the loader's generator, which
+    # the trainer reseeds per epoch, so a resumed run draws exactly the augmentations of an uninterrupted one.
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
                   worker_init_fn=seed_worker if workers > 0 else None)
     sampler = DistributedSampler(train_ds, shuffle=True, seed=seed, drop_last=drop_last) if distributed else None
     train = DataLoader(train_ds, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,

@@ -242,7 +242,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         gen = getattr(self.train_loader, "generator", None)
         if gen is not None:  # data order depends only on (seed, epoch): resumable
-            gen.manual_seed(cfg.seed * 1_000_003 + epoch)
+            gen.manual_seed((cfg.seed + self.rank) * 1_000_003 + epoch)
         loss_sum, correct, seen = 0.0, 0.0, 0
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,

@@ -1,0 +1,218 @@
+"""Short CPU runs of the training CLI on scikit-learn's digits (real, offline data)."""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokendrop as td
+from tokendrop.cli import main
+from tokendrop.train import trainer as trainer_mod
+from tokendrop.train.config import load_config
+
+FAST = ["data.dataset=digits", "data.train_subset=256", "data.val_subset=200", "data.workers=0",
+        "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1"]
+
+
+def sets(*items):
+    out = []
+    for item in (*FAST, *items):
+        out += ["--set", item]
+    return out
+
+
+def read_rows(run_dir):
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def ptd_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ptd"
+    code = main(["train", "--config", "fashion_mnist_ptd", "--out", str(out), "--no-progress",
+                 *sets("optim.epochs=4", "token_drop.start=1", "token_drop.end=3", "token_drop.final=0.5",
+                       "optim.lr=2e-3")])
+    assert code == 0
+    return out
+
+
+def test_run_directory_and_metrics(ptd_run):
+    rows = read_rows(ptd_run)
+    assert list(rows[0]) == list(trainer_mod.METRIC_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    for name in ("config.yaml", "last.pt", "best.pt", "plots/accuracy.png", "plots/drop_ratio.png", "plots/lr.png"):
+        assert (ptd_run / name).is_file(), name
+    # drop ratio and kept tokens follow the curriculum formula (start 1, end 3, final 0.5, gamma 2), epoch by epoch
+    for r in rows:
+        t = int(r["epoch"]) - 1
+        d = 0.0 if t < 1 else 0.5 if t >= 3 else ((t - 1) / 2) ** 2 * 0.5
+        assert float(r["drop_ratio"]) == pytest.approx(d)
+        assert int(r["kept_tokens"]) == max(1, int(64 * (1 - d)))
+    assert all(r["val_acc_ema"] != "" for r in rows)
+
+
+def test_eval_reproduces_logged_accuracy(ptd_run, capsys):
+    import json
+
+    best_epoch = max(read_rows(ptd_run), key=lambda r: float(r["val_acc_ema"]))
+    assert main(["eval", "--checkpoint", str(ptd_run / "best.pt"), "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epoch"] == int(best_epoch["epoch"])
+    assert result["val_acc_raw"] == pytest.approx(float(best_epoch["val_acc_raw"]), abs=1e-6)
+    assert result["val_acc_ema"] == pytest.approx(float(best_epoch["val_acc_ema"]), abs=1e-6)
+
+
+def test_resume_logs_the_same_metrics(tmp_path, monkeypatch):
+    args = sets("optim.epochs=3", "token_drop.start=0", "token_drop.end=2", "token_drop.score=random")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(full), "--no-progress", *args]) == 0
+
+    original = trainer_mod.Trainer._train_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", interrupted)
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(cut), "--no-progress", *args]) == 130
+    assert len(read_rows(cut)) == 2
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", original)
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(cut), "--no-progress", "--resume", *args]) == 0
+    timing = {"epoch_time_sec", "train_imgs_per_sec"}
+    a, b = read_rows(full), read_rows(cut)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in timing} == {k: v for k, v in rb.items() if k not in timing}
+
+
+def test_existing_run_needs_resume_and_same_config(ptd_run, capsys):
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), *sets("optim.epochs=4")]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), "--resume", *sets("optim.epochs=9")]) == 1
+    assert "optim.epochs" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(run), "--resume", *sets("optim.epochs=1")]) == 1
+    assert "corrupt" in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == b"not a checkpoint"
+    assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    real_ce = torch.nn.CrossEntropyLoss.forward
+
+    def poisoned(self, logits, target):
+        calls["n"] += 1
+        loss = real_ce(self, logits, target)
+        return loss * float("nan") if calls["n"] > 5 else loss  # epoch 2, step 2 (4 steps per epoch)
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
+    code = main(["train", "--config", "fashion_mnist_baseline", "--out", str(run), "--no-progress",
+                 *sets("optim.epochs=3", "augment.mixup_alpha=0", "augment.cutmix_alpha=0")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "epoch 2, step 2" in err
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 0 and len(read_rows(run)) == 1
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"),
+    ("token_drop.final=1.5", "token_drop.final"),
+    ("token_drop.gamma=0", "token_drop.gamma"),
+    ("optim.lrr=1", "optim.lrr"),
+    ("data.dataset=imagenet22k", "data.dataset"),
+    ("token_drop.end=1", "token_drop.end"),
+])
+def test_config_errors_exit_2_and_write_nothing(tmp_path, capsys, override, key):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(out), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and key in err[0]
+    assert not out.exists()
+
+
+def test_missing_dataset_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", "cifar100_baseline", "--out", str(out), "--set", f"data.root={tmp_path}",
+                 "--set", "data.download=false"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and not out.exists()
+
+
+def test_unknown_config_name(capsys):
+    assert main(["train", "--config", "cifar1000"]) == 2
+    assert "cifar1000" in capsys.readouterr().err
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "tokendrop",
+           "train", "--config", "fashion_mnist_ptd", "--out", str(out), "--no-progress",
+           *sets("optim.epochs=2", "token_drop.start=0", "token_drop.end=1")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_rows(out)
+    assert len(rows) == 2 and float(rows[1]["drop_ratio"]) == pytest.approx(0.35)
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and ckpt["epoch"] == 1
+    # the two processes split the 256 training images: each saw 2 batches of 64 per epoch
+    assert float(rows[0]["train_imgs_per_sec"]) * float(rows[0]["epoch_time_sec"]) == pytest.approx(256, rel=1e-6)
+
+
+SEED_TABLE = {  # config: (model, lr, label smoothing, drop, drop-path, mixup, cutmix, ema, token drop (start, end, gamma))
+    "cifar100_baseline": ("hybrid_vit_ptd", 4e-4, 0.05, 0.1, 0.1, 0.0, 0.0, True, None),
+    "cifar100_ptd_only": ("hybrid_vit_ptd", 4e-4, 0.05, 0.1, 0.1, 0.0, 0.0, False, (40, 140, 2.0)),
+    "cifar100_ptd_mix_ema": ("hybrid_vit_ptd", 4e-4, 0.03, 0.0, 0.05, 0.8, 1.0, True, (40, 140, 2.0)),
+    "cifar100_baseline_mix_ema": ("hybrid_vit_ptd", 4e-4, 0.03, 0.0, 0.05, 0.8, 1.0, True, None),
+    "cifar100_ctd_baseline": ("hybrid_vit_ctd", 3e-4, 0.1, 0.1, 0.1, 0.0, 0.0, False, None),
+    "cifar100_ctd": ("hybrid_vit_ctd", 3e-4, 0.1, 0.1, 0.1, 0.0, 0.0, False, (20, 160, 1.5)),
+    **{f"cifar100_ctd_gamma_{g}": ("hybrid_vit_ctd", 3e-4, 0.1, 0.1, 0.1, 0.0, 0.0, False, (20, 160, float(g)))
+       for g in ("0.5", "1.0", "2.0", "3.0")},
+}
+
+
+@pytest.mark.parametrize("name", list(SEED_TABLE))
+def test_shipped_configs_carry_seed_hyperparameters(name):
+    model, lr, ls, drop, dpr, mix, cut, ema, drop_sched = SEED_TABLE[name]
+    cfg = load_config(name)
+    assert (cfg.model.name, cfg.optim.lr, cfg.optim.label_smoothing, cfg.model.drop_rate, cfg.model.drop_path_rate) == (model, lr, ls, drop, dpr)
+    assert (cfg.augment.mixup_alpha, cfg.augment.cutmix_alpha, cfg.ema.enabled) == (mix, cut, ema)
+    assert (cfg.optim.epochs, cfg.optim.batch_size, cfg.optim.eval_batch_size, cfg.optim.weight_decay,
+            cfg.optim.warmup_epochs, cfg.seed) == (200, 128, 256, 0.05, 5, 42)
+    assert cfg.data.dataset == "cifar100" and cfg.reproduces
+    if drop_sched is None:
+        assert not cfg.token_drop.enabled
+    else:
+        td_ = cfg.token_drop
+        assert td_.enabled and (td_.start, td_.end, td_.gamma, td_.final, td_.initial, td_.blocks) == (*drop_sched, 0.35, 0.0, [0])
+        assert td_.score == "cls_attention"
+    if name.startswith("cifar100_ctd"):
+        assert cfg.augment.autoaugment and cfg.augment.randaugment_ops == 0
+    else:
+        assert cfg.augment.randaugment_ops == 2 and cfg.augment.randaugment_magnitude == (7 if mix else 10)
+        assert cfg.augment.random_erasing == (0.1 if mix else 0.25) and cfg.optim.clip_grad == 1.0
+
+
+def test_every_shipped_config_loads_and_builds():
+    from tokendrop.train.config import shipped_configs
+
+    names = shipped_configs()
+    assert len(names) >= 17
+    for name in names:
+        cfg = load_config(name)
+        model = trainer_mod.build_run_model(cfg, 10, 3, 32)
+        assert len(td.sites(model)) == (len(cfg.token_drop.blocks) if cfg.token_drop.enabled else 0)
