@@ -111,7 +111,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    name: str = _f("run", doc="run name (output directory under --out)")
+    name: str = _f("run", doc="run name (the default run directory is runs/NAME)")
     reproduces: str = _f("", doc="the seed result this config reproduces")
     seed: int = _f(42, lo=0, doc="random seed")
     model: ModelConfig = field(default_factory=ModelConfig)
