@@ -217,3 +217,23 @@ def test_radial_patterns_match_seed_004_counts(score):
         # every sample keeps the same centred set, and the set is a whole set of rings
         assert torch.equal(recs[-1].source[0].sort().values, recs[-1].source[1].sort().values)
         td.detach(vit)
+
+
+class _PenalisedKeepAll(td.Reducer):
+    """A learned-reducer stand-in: keeps every token and leaves an auxiliary loss."""
+
+    def forward(self, x, keep, inputs):
+        self.aux_loss = x[:, inputs.state.num_prefix:].pow(2).mean()
+        return x
+
+
+def test_aux_losses_are_collected_once():
+    model = tiny().train()
+    td.attach(model, _PenalisedKeepAll(), blocks=[0, 2], schedule=td.Constant(0.5))
+    inputs = {}
+    for b in (0, 2):
+        model.blocks[b].norm2.register_forward_pre_hook(lambda m, a, b=b: inputs.__setitem__(b, a[0]))
+    model(torch.randn(2, 3, 32, 32))
+    expected = sum(inputs[b][:, 1:].pow(2).mean() for b in (0, 2))
+    torch.testing.assert_close(td.aux_loss(model), expected)
+    assert td.aux_loss(model) == 0.0

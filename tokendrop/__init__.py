@@ -9,7 +9,7 @@
 
 from .models import BACKBONES, build_model
 from .reduction import (
-    Constant, Cosine, Curriculum, Linear, Reducer, Schedule, Step, TokenState, TopK, attach, detach,
+    Constant, Cosine, Curriculum, Linear, Reducer, Schedule, Step, TokenState, TopK, attach, aux_loss, detach,
     expected_patch_tokens, keep_count, last_reduction, make_schedule, prepare_step, set_epoch, sites,
 )
 
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKBONES", "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "Step", "TokenState", "TopK",
-    "attach", "build_model", "detach", "expected_patch_tokens", "keep_count", "last_reduction", "make_schedule",
+    "attach", "aux_loss", "build_model", "detach", "expected_patch_tokens", "keep_count", "last_reduction", "make_schedule",
     "prepare_step", "set_epoch", "sites",
 ]

@@ -130,6 +130,18 @@ def last_reduction(model: nn.Module) -> TokenState | None:
     return None if reg is None else reg.state
 
 
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """Sum of the auxiliary losses that learned reducers left in ``reducer.aux_loss`` during the last
+    forward (0.0 when none); each is cleared once read. The training loop adds it to the task loss."""
+    total: torch.Tensor | float = 0.0
+    for site in sites(model):
+        loss = getattr(site.reducer, "aux_loss", None)
+        if loss is not None:
+            total = total + loss
+            site.reducer.aux_loss = None
+    return total
+
+
 def expected_patch_tokens(model: nn.Module, training: bool = True) -> list[int]:
     """Patch tokens after each site for the current epoch (plain ints, no forward pass). Radial scores
     keep whole rings, so their real count can differ slightly; see :func:`last_reduction`."""

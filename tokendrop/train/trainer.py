@@ -257,7 +257,7 @@ class Trainer:
             with autocast_context(device, cfg.run.amp):
                 red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
                 logits = self.net(images)
-                loss = self.loss_fn(logits.float(), targets)
+                loss = self.loss_fn(logits.float(), targets) + red.aux_loss(self.model)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
                                          f"{self.out_dir / 'last.pt'} keeps the last good epoch")
