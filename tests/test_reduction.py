@@ -28,7 +28,7 @@ def test_backbone_shapes_and_names():
     assert gray(torch.randn(2, 1, 28, 28)).shape == (2, 10) and gray.patch_embed.num_patches == 49
     with pytest.raises(ValueError, match="img_size"):
         td.build_model("hybrid_vit_ptd", img_size=33)
-    with pytest.raises(ValueError, match="model: unknown"):
+    with pytest.raises(ValueError, match="name: unknown model"):
         td.build_model("no_such_vit")
 
 
@@ -165,6 +165,49 @@ def test_bad_attach_arguments(kwargs, match):
 def test_unknown_score():
     with pytest.raises(ValueError, match=r"score: unknown score 'entropy' \(allowed: cls_attention"):
         td.TopK("entropy")
+
+
+def test_gradient_saliency_inside_the_block():
+    torch.manual_seed(8)
+    model = tiny().train()
+    reference = copy.deepcopy(model).eval()
+    td.attach(model, td.TopK("gradient"), blocks=[1], schedule=td.Constant(0.5))  # the trainer's placement
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    loss_fn = torch.nn.functional.cross_entropy
+    assert td.prepare_step(model, x, y, loss_fn)
+    model(x)
+    kept = td.last_reduction(model).records[0].source
+    store = {}
+
+    def keep_residual(module, args):  # norm2's input is the residual stream after the attention
+        args[0].retain_grad()
+        store["y"] = args[0]
+
+    reference.blocks[1].norm2.register_forward_pre_hook(keep_residual)
+    loss_fn(reference(x), y).backward()
+    s = (store["y"].grad * store["y"]).abs().sum(-1)[:, 1:]
+    assert torch.equal(kept, s.topk(32, dim=1).indices)
+
+
+def test_prepare_step_skips_when_nothing_is_dropped():
+    model = tiny().train()
+    td.attach(model, td.TopK("gradient"), blocks=[0], schedule=td.Curriculum(5, 10, final=0.5))
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    td.set_epoch(model, 0)
+    assert not td.prepare_step(model, x, y, torch.nn.functional.cross_entropy)
+    model(x)  # d = 0: the plain block, no saliency needed
+    td.set_epoch(model, 10)
+    assert td.prepare_step(model, x, y, torch.nn.functional.cross_entropy)
+
+
+def test_cls_attention_needs_a_class_token():
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2, class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="no class token"):
+        td.attach(vit, td.TopK("cls_attention"))
+    td.attach(vit, td.TopK("random"), schedule=td.Constant(0.5), when="always")
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
 def test_gradient_saliency_matches_independent_computation():

@@ -30,6 +30,16 @@ def test_keep_count(d, k):
     assert td.keep_count(256, d) == k
 
 
+def test_constant_keep_counts_are_exact():
+    from fractions import Fraction
+
+    for percent in range(1, 101):
+        rate = percent / 100
+        for n in range(1, 300):
+            expected = max(1, int(Fraction(percent, 100) * n))
+            assert td.keep_count(n, td.Constant(rate)(0)) == expected, (rate, n)
+
+
 def test_keep_count_never_zero():
     assert td.keep_count(4, 0.99) == 1
 

@@ -32,10 +32,11 @@ def attend(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = Non
     saliency = None
     if cls_row:
         with torch.no_grad():
-            logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # (B, H, 1, T)
+            # float32 even under autocast: one row, O(T·d), and the ranking stays that of full precision
+            logits = (q[:, :, :1].float() * attn.scale) @ k.float().transpose(-2, -1)  # (B, H, 1, T)
             if mask is not None:
-                logits = logits + mask
-            saliency = logits.float().softmax(dim=-1).mean(dim=1)[:, 0]
+                logits = logits + mask.float()
+            saliency = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     out = out.transpose(1, 2).reshape(B, T, H * D)
     norm = getattr(attn, "norm", None)  # timm's optional scale-norm
     if norm is not None:

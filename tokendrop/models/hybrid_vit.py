@@ -120,6 +120,6 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     if name not in BACKBONES and not timm.is_model(name):
-        raise ValueError(f"model: unknown model {name!r} (ours: {', '.join(BACKBONES)}; or any timm model name)")
+        raise ValueError(f"name: unknown model {name!r} (ours: {', '.join(BACKBONES)}; or any timm model name)")
     kwargs.setdefault("pretrained", False)
     return timm.create_model(name, **kwargs)

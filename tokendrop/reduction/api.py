@@ -64,6 +64,8 @@ def attach(model: nn.Module, reducer: Reducer, blocks: Iterable[int] = (0,), sch
     model_blocks = getattr(base, "blocks", None)
     if not isinstance(model_blocks, nn.Sequential | nn.ModuleList):
         raise TypeError(f"{type(base).__name__}: expected a ViT with a `blocks` sequence (ours or timm's VisionTransformer)")
+    if reducer.needs_cls_attention and getattr(base, "cls_token", None) is None:
+        raise ValueError(f"reducer: {type(reducer).__name__} scores by CLS attention but {type(base).__name__} has no class token")
     blocks = list(blocks)
     if not blocks:
         raise ValueError("blocks: give at least one block index")
@@ -142,19 +144,22 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
+def _plan(reg: Registry, training: bool) -> list[tuple[Site, int, int]]:
+    """(site, patch tokens entering, patch tokens kept) at the current epoch, without a forward pass."""
+    state = TokenState(reg.num_prefix, reg.grid)
+    n, out = state.num_patches, []
+    for site in reg.sites:
+        keep = site.target_keep(n, state) if site.is_active(training) else n
+        out.append((site, n, keep))
+        n = keep
+    return out
+
+
 def expected_patch_tokens(model: nn.Module, training: bool = True) -> list[int]:
     """Patch tokens after each site for the current epoch (plain ints, no forward pass). Radial scores
     keep whole rings, so their real count can differ slightly; see :func:`last_reduction`."""
     reg = _registry(model)
-    if reg is None:
-        return []
-    state = TokenState(reg.num_prefix, reg.grid)
-    n, out = state.num_patches, []
-    for site in reg.sites:
-        if site.is_active(training):
-            n = site.target_keep(n, state)
-        out.append(n)
-    return out
+    return [] if reg is None else [keep for _, _, keep in _plan(reg, training)]
 
 
 def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -165,11 +170,12 @@ def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     dropout, BatchNorm on running statistics, no buffer updates, no parameter gradients touched), then
     hands each gradient site ``s_i = ‖∂L/∂x_i ⊙ x_i‖₁`` over channels at the site's input. Costs one
     extra forward and backward per step, as the seed reports. Call it on the unwrapped model under DDP.
-    Returns False (and does nothing) when no active site uses gradient saliency.
+    Returns False (and does nothing) when no site will drop by gradient saliency in this step.
     """
     base = _unwrap(model)
     reg = _registry(base)
-    grad_sites = [s for s in (reg.sites if reg else []) if s.reducer.needs_gradient and s.is_active(True)]
+    plan = _plan(reg, training=True) if reg else []
+    grad_sites = [s for s, n, keep in plan if s.reducer.needs_gradient and s.is_active(True) and (keep < n or s.always_reduce)]
     if not grad_sites:
         return False
     was_training = base.training

@@ -15,9 +15,15 @@ def _check_ratio(name: str, value: float) -> float:
     return float(value)
 
 
+def truncate(x: float) -> int:
+    """``int(x)`` after rounding to 9 decimals, so float error (``1 − (1 − 0.2)`` is 0.19999…) does not
+    cost a token; otherwise the reference's truncation."""
+    return int(round(x, 9))
+
+
 def keep_count(n: int, drop_ratio: float) -> int:
     """Tokens kept out of ``n`` at drop ratio ``d``: ``max(1, int(n·(1−d)))`` (the reference's rounding)."""
-    return max(1, int(n * (1.0 - drop_ratio)))
+    return max(1, truncate(n * (1.0 - drop_ratio)))
 
 
 class Schedule:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models.attention import attend
 from .base import Reducer, SiteInputs
-from .schedules import Schedule, keep_count
+from .schedules import Schedule, keep_count, truncate
 from .state import SiteRecord, TokenState
 
 When = Literal["train", "eval", "always"]
@@ -84,7 +84,7 @@ class Site(nn.Module):
         d = self.drop_ratio
         state.keep_fraction *= 1.0 - d
         if self.relative_to == "original":
-            return min(n_entering, max(1, int(state.num_patches * state.keep_fraction)))
+            return min(n_entering, max(1, truncate(state.num_patches * state.keep_fraction)))
         return keep_count(n_entering, d)
 
     def reduce(self, x: torch.Tensor, keep: int, state: TokenState, cls_attention: torch.Tensor | None) -> torch.Tensor:

@@ -209,6 +209,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"token_drop.blocks: {td.blocks!r} names a block twice")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
+    if (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0) and cfg.optim.batch_size % 2:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} must be even when Mixup/CutMix is on")
     if cfg.augment.autoaugment and cfg.augment.randaugment_ops:
         raise ConfigError("augment.autoaugment: use either AutoAugment or RandAugment (set augment.randaugment_ops=0)")
 
@@ -242,10 +244,11 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
+    """Merge ``extra`` into ``base`` recursively (in place); returns ``base``."""
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            merge_dicts(base[k], v)
         else:
             base[k] = v
     return base
@@ -278,12 +281,12 @@ def _read_yaml(name_or_path: str, seen: tuple[str, ...] = ()) -> dict:
     if ref.suffix in (".yaml", ".yml") and not ref.is_absolute():
         ref = path.parent / ref  # a relative base file is found next to the config
     parent = _read_yaml(str(ref), seen + (str(path),))
-    return _merge(parent, data)
+    return merge_dicts(parent, data)
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Load a shipped or user YAML config (following ``base:``), apply ``--set`` overrides, validate."""
-    return config_from_dict(_merge(_read_yaml(name_or_path), parse_overrides(overrides or [])))
+    return config_from_dict(merge_dicts(_read_yaml(name_or_path), parse_overrides(overrides or [])))
 
 
 def shipped_configs() -> list[str]:

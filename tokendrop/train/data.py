@@ -287,7 +287,7 @@ def build_loaders(train_ds: Dataset, val_ds: Dataset, batch_size: int, eval_batc
     The shuffle order and the workers' seeds come from ``seed`` (plus the rank when distributed); with
     ``workers=0`` the augmentations draw from the global torch RNG, so seed it (``torch.manual_seed``).
     When ``distributed``, the trainer must call ``sampler.set_epoch(epoch)`` every epoch. The val loader is
-    never sharded: every rank evaluates the whole val set (exact metrics, no padding, no all-reduce).
+    not sharded here: the trainer shards it per rank without padding and sums the counts.
     """
     rank = torch.distributed.get_rank() if distributed and torch.distributed.is_initialized() else 0
     gen = torch.Generator().manual_seed(seed + rank)

@@ -32,6 +32,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every process. Training updates them per process
+    between DDP's own broadcasts, so do this before validating or averaging."""
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def cleanup() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():

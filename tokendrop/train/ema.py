@@ -24,17 +24,25 @@ class WarmupEma(nn.Module):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self._count: int | None = None  # Python mirror of num_updates (no device sync per step)
 
     def current_decay(self) -> float:
         """Decay used by the next update."""
-        n = int(self.num_updates) + 1
+        if self._count is None:
+            self._count = int(self.num_updates)
+        n = self._count + 1
         return min(self.decay, (1 + n) / (10 + n))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # noqa: D102
+        self._count = None  # re-read from the loaded buffer
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Blend the live parameters in; copy the live buffers."""
         d = self.current_decay()
-        self.num_updates += 1
+        self._count += 1
+        self.num_updates.fill_(self._count)
         for ema_p, p in zip(self.module.parameters(), model.parameters()):
             ema_p.lerp_(p.detach(), 1.0 - d)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):

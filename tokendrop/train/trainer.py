@@ -22,13 +22,16 @@ from tqdm import tqdm
 from .. import reduction as red
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, merge_dicts
 from .data import build_datasets, build_loaders
-from .distributed import all_reduce_sum, cleanup, init_distributed, is_distributed
+from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_raw", "val_loss_ema", "val_acc_ema",
                   "lr", "drop_ratio", "kept_tokens", "epoch_time_sec", "train_imgs_per_sec")
+
+
+RESUME_FREE_KEYS = ("run.device", "run.threads", "run.compile", "data.workers", "data.root", "data.download")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -85,7 +88,7 @@ def lr_factor(t: float, warmup: float, total: float, min_ratio: float = 0.0) -> 
     """Linear warm-up over ``warmup`` units, then cosine to ``min_ratio`` at ``total`` (units: epochs or
     steps). ``t`` counts from 0; the first unit already gets ``1/warmup``."""
     if t < warmup:
-        return (t + 1) / warmup
+        return min(1.0, (t + 1) / warmup)
     progress = min(1.0, (t - warmup) / max(1e-12, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -101,17 +104,28 @@ def build_token_drop(model: nn.Module, cfg: Config) -> None:
                relative_to=td.relative_to)
 
 
+# Library argument names → the config keys that set them, so errors name what the user can change.
+_ARG_TO_KEY = {"name": "model.name", "img_size": "data.img_size", "in_chans": "data.dataset", "blocks": "token_drop.blocks",
+               "score": "token_drop.score", "reducer": "token_drop.score", "final": "token_drop.final",
+               "initial": "token_drop.initial", "gamma": "token_drop.gamma", "end": "token_drop.end",
+               "start": "token_drop.start", "steps": "token_drop.steps", "keep_rate": "token_drop.final"}
+
+
+def _config_error(e: ValueError) -> ValueError:
+    arg, sep, rest = str(e).partition(": ")
+    return ValueError(f"{_ARG_TO_KEY[arg]}: {rest}") if sep and arg in _ARG_TO_KEY else e
+
+
 def build_run_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
     """The backbone of ``cfg`` with its token-drop sites."""
     try:
         model = build_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                             drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
-    except ValueError as e:
-        raise ValueError(f"model.name: {e}") from None
-    try:
         build_token_drop(model, cfg)
     except ValueError as e:
-        raise ValueError(f"token_drop.{e}") from None
+        raise _config_error(e) from None
+    except TypeError as e:
+        raise ValueError(f"model.name: {cfg.model.name!r} is not a ViT tokendrop can train ({e})") from None
     return model
 
 
@@ -168,7 +182,7 @@ class Trainer:
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
-        seed_everything(cfg.seed + self.rank, cfg.run.deterministic)
+        seed_everything(cfg.seed, cfg.run.deterministic)  # same initial weights (and EMA) on every process
 
         train_ds, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
         self.info = info
@@ -179,7 +193,8 @@ class Trainer:
             train_ds, val_ds, cfg.optim.batch_size, cfg.optim.eval_batch_size, cfg.data.workers, cfg.seed,
             drop_last=self.mixup_on, distributed=self.world > 1)
         if len(self.train_loader) == 0:
-            raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the training set ({len(train_ds)})")
+            raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} is larger than each process's share of the "
+                             f"training set ({len(train_ds) // self.world} images)")
         self.steps_per_epoch = len(self.train_loader)
         img_size = cfg.data.img_size or info.img_size
 
@@ -190,6 +205,7 @@ class Trainer:
         total = o.epochs if o.lr_unit == "epoch" else o.epochs * self.steps_per_epoch
         warm = o.warmup_epochs if o.lr_unit == "epoch" else o.warmup_epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: lr_factor(t, warm, total, o.min_lr_ratio))
+        seed_everything(cfg.seed + self.rank)  # then different augmentation, dropout and mixing per process
         self.net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -219,6 +235,9 @@ class Trainer:
     def _load_resume(self) -> None:
         ckpt = load_checkpoint(self.out_dir / "last.pt")
         old, new = _flatten(ckpt["config"]), _flatten(self.cfg.to_dict())
+        for key in RESUME_FREE_KEYS:  # where and how fast, not what, the run computes
+            old.pop(key, None)
+            new.pop(key, None)
         if old != new:
             diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
             raise CheckpointError(f"{self.out_dir / 'last.pt'} was written by a different config (differs in: {', '.join(diff)})")
@@ -258,13 +277,14 @@ class Trainer:
                 red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
                 logits = self.net(images)
                 loss = self.loss_fn(logits.float(), targets) + red.aux_loss(self.model)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; "
-                                         f"{self.out_dir / 'last.pt'} keeps the last good epoch")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+            loss.backward()  # always: under DDP every process must join the gradient all-reduce
+            # The norm of the all-reduced gradients is NaN on every process if any process's loss was, so
+            # all processes stop at the same step. inf = measure without clipping.
+            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or float("inf"))
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):
+                raise NonFiniteLossError(f"non-finite loss or gradient (loss {loss.item()}) at epoch {epoch + 1}, "
+                                         f"step {step + 1}; {self.out_dir / 'last.pt'} keeps the last good epoch")
             self.optimizer.step()
             if cfg.optim.lr_unit == "step":
                 self.scheduler.step()
@@ -329,6 +349,9 @@ class Trainer:
             row.update(self._train_epoch(epoch))
             if cfg.optim.lr_unit == "epoch":
                 self.scheduler.step()
+            broadcast_buffers(self.model)  # every process validates (and rank 0 saves) the same model
+            if self.ema is not None:
+                broadcast_buffers(self.ema)
             raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp)
             row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
             score = raw.acc
@@ -380,11 +403,7 @@ def train(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = Tru
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None = None) -> dict[str, float]:
     """Validation loss/accuracy of a checkpoint's raw (and EMA) weights on its config's validation set."""
     ckpt = load_checkpoint(path)
-    data = ckpt["config"]
-    if overrides:
-        for section, values in overrides.items():
-            data.setdefault(section, {}).update(values)
-    cfg = config_from_dict(data)
+    cfg = config_from_dict(merge_dicts(ckpt["config"], overrides or {}))
     dev = pick_device(device)
     _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.workers)
