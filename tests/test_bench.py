@@ -1,0 +1,231 @@
+"""tokendrop bench: MAC counts against closed forms, paired timing arithmetic, the schedule projection
+against a hand computation, a tiny end-to-end run and argument errors. No timing assertions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from tokendrop import build_model
+from tokendrop.bench import speed as S
+from tokendrop.bench.command import add_arguments, run
+from tokendrop.bench.flops import count_macs
+from tokendrop.train.config import config_from_dict
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tokendrop bench")
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def one_thread():
+    """The command sets torch's thread count; restore it afterwards."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------ closed forms
+def tiny_macs(kept: int | None, block: int, num_classes: int = 100, in_chans: int = 3) -> int:
+    """hybrid_vit_tiny at 32 px by hand: stem 3→16 (s2) → 32 (s1) → 96 (s2), 8×8 = 64 patches + CLS,
+    E = 96, 3 heads of 32, MLP 96→192→96, 4 blocks; an inside drop at ``block`` keeps ``kept`` patches."""
+    stem = 16 * in_chans * 9 * 16 * 16 + 32 * 16 * 9 * 16 * 16 + 96 * 32 * 9 * 8 * 8
+    E, H, D, hidden = 96, 3, 32, 192
+
+    def attn(n: int) -> int:
+        return n * E * 3 * E + 2 * H * n * n * D + n * E * E
+
+    def mlp(n: int) -> int:
+        return n * E * hidden + n * hidden * E
+
+    n = 65
+    total = stem
+    for b in range(4):
+        total += attn(n)
+        if b == block and kept is not None:
+            n = 1 + kept
+        total += mlp(n)
+    return total + E * num_classes
+
+
+@pytest.mark.parametrize("block,drop,kept", [(0, 0.0, 64), (1, 0.25, 48), (3, 0.5, 32), (0, 0.35, 41)])
+def test_macs_closed_form_and_counted(block, drop, kept):
+    model = build_model("hybrid_vit_tiny", num_classes=100)
+    probe = S.DropProbe(model, [block])
+    probe.set(drop)
+    assert probe.kept() == [kept]  # int(64 · (1 − d))
+    assert probe.analytic_macs() == tiny_macs(kept, block)
+    model.eval()
+    counted = count_macs(model, torch.randn(2, 3, 32, 32)) // 2
+    # FlopCounterMode also sees the CLS-row saliency q_cls·Kᵀ (H·T·D MACs) when the site reduces.
+    extra = 3 * 65 * 32 if drop > 0 else 0
+    assert counted == tiny_macs(kept, block) + extra
+    assert abs(counted - probe.analytic_macs()) / probe.analytic_macs() < 0.02
+
+
+def test_seed_000_ideal_speedup_matches_design():
+    probe = S.DropProbe(build_model("hybrid_vit_ptd", num_classes=100), [0])
+    m0, m35 = probe.analytic_macs(0.0), probe.analytic_macs(0.35)
+    assert probe.kept() == [166]
+    assert m0 == pytest.approx(0.91e9, rel=0.01) and m35 == pytest.approx(0.61e9, rel=0.01)
+    assert m0 / m35 == pytest.approx(1.49, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------ paired timing
+def test_paired_timing_arithmetic():
+    t = S.PairedTiming("base", [1.0, 1.0, 2.0, 2.0], {"v": [0.5, 1.0, 1.0], "w": [1.1, 1.1 * math.sqrt(2), 2.2]})
+    # references: geometric means of the bracketing baselines = 1, √2, 2
+    assert t.speedup("v") == pytest.approx(2.0)  # ratios 2, √2, 2
+    assert t.overhead("w") == pytest.approx(0.1)  # every round 10 % slower
+    assert t.speedup("base") == 1.0
+    assert t.median("base") == 1.5 and t.median("v") == 1.0
+    lo, hi = t.speedup_quartiles("v")
+    assert lo <= t.speedup("v") <= hi
+
+
+def test_interleaved_rounds_order():
+    calls: list[str] = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    t = S.interleaved_rounds(fns, "a", rounds=3, warmup=1)
+    assert calls[:3] == ["a", "b", "c"]  # warm-up
+    timed = calls[3:]
+    assert len(timed) == 3 * 3 + 1 and timed[-1] == "a"
+    assert [timed[i] for i in (0, 3, 6, 9)] == ["a"] * 4  # every round starts with the baseline
+    assert len(t.baseline) == 4 and all(len(v) == 3 for v in t.variants.values())
+    with pytest.raises(ValueError, match="baseline"):
+        S.interleaved_rounds(fns, "z", rounds=1)
+
+
+# ----------------------------------------------------------------------------------- projection
+TINY_CONFIG = {
+    "model": {"name": "hybrid_vit_tiny", "drop_rate": 0.0, "drop_path_rate": 0.0},
+    "data": {"dataset": "digits", "workers": 0},
+    "augment": {"randaugment_ops": 0},
+    "optim": {"epochs": 4, "batch_size": 100},
+    "token_drop": {"enabled": True, "blocks": [0], "schedule": "curriculum", "start": 1, "end": 3,
+                   "final": 0.5, "gamma": 1.0},
+}
+
+
+def test_projection_against_hand_computation():
+    cfg = config_from_dict(TINY_CONFIG)
+    schedule = S.schedule_from_config(cfg)
+    assert S.train_set_size(cfg) == 1347
+    steps = S.steps_per_epoch(1347, 100, drop_last=False)
+    assert steps == 14 and S.steps_per_epoch(1347, 100, drop_last=True) == 13
+    epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs)
+    assert epoch_drops == [[0.0], [0.0], [0.25], [0.5]]  # d(t) for t = 0, 1, 2, 3
+    model, kwargs = S.config_model(cfg)
+    assert kwargs["num_classes"] == 10 and kwargs["in_chans"] == 1
+    probe = S.DropProbe(model, cfg.token_drop.blocks)
+    step_s = {0.0: 1.0, 0.25: 0.8, 0.5: 0.6}
+    proj = S.project_schedule(probe, epoch_drops, step_s, steps, 100)
+    # By hand: keeps 64, 64, 48, 32 patch tokens at block 0; one grey channel in, a 10-class head.
+    macs = [tiny_macs(k, 0, 10, 1) for k in (64, 64, 48, 32)]
+    assert proj.ideal_speedup == pytest.approx(4 * macs[0] / sum(macs), rel=1e-12)
+    assert proj.predicted_s == pytest.approx(14 * (1.0 + 1.0 + 0.8 + 0.6))
+    assert proj.no_drop_s == pytest.approx(14 * 4 * 1.0)
+    assert proj.speedup == pytest.approx(4 / 3.4)
+    assert [p["kept_tokens"] for p in proj.points] == [[64], [48], [32]]
+    # Between measured points the step time is interpolated linearly in MACs.
+    half = S.project_schedule(probe, [[0.25]], {0.0: 1.0, 0.5: 0.6}, 1, 100)
+    m0, m25, m50 = (tiny_macs(k, 0, 10, 1) for k in (64, 48, 32))
+    assert half.predicted_s == pytest.approx(0.6 + 0.4 * (m25 - m50) / (m0 - m50))
+    with pytest.raises(ValueError, match="d = 0"):
+        S.project_schedule(probe, epoch_drops, {0.5: 0.6}, steps, 100)
+
+
+def test_drop_points_and_per_step():
+    from tokendrop import Curriculum
+
+    ed = S.epoch_drop_ratios(Curriculum(1, 3, final=0.5, gamma=1.0), 4, steps=2, per_step=True)
+    assert ed == [[0.0, 0.0], [0.0, 0.125], [0.25, 0.375], [0.5, 0.5]]
+    assert S.drop_points(ed, extra=[0.1, 0.2, 0.6]) == [0.0, 0.1, 0.2, 0.5]
+
+
+# -------------------------------------------------------------------------------------- command
+def test_command_tiny_run(tmp_path, capsys, one_thread):
+    cfg_path = tmp_path / "tiny.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(TINY_CONFIG))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "2",
+                    "--warmup", "1", "--threads", "1", "--data-batches", "2", "--config", str(cfg_path),
+                    "--json", str(out), "--plot", str(png), "--no-progress"]))
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert {"tool", "command", "machine", "settings", "notes", "rows", "overheads", "projections",
+            "data_pipeline"} <= set(report)
+    assert {"platform", "cpu", "torch_threads", "torch_version", "device", "date"} <= set(report["machine"])
+    assert report["machine"]["torch_threads"] == 1 and report["machine"]["device"] == "cpu"
+    rows = {r["drop_ratio"]: r for r in report["rows"]}
+    assert set(rows) == {0.0, 0.5}
+    base, drop = rows[0.0], rows[0.5]
+    assert drop["kept_tokens"] == [32] and base["kept_tokens"] == [64]
+    assert base["ideal_speedup"] == 1.0 and drop["ideal_speedup"] > 1.0
+    assert drop["ideal_train_speedup"] > 1.0
+    for r in (base, drop):
+        assert r["macs_agreement_pct"] < 2.0
+        for mode in ("train", "infer"):
+            t = r[mode]
+            assert t["median_s"] > 0 and t["images_per_s"] > 0 and t["speedup"] > 0
+        assert r["train_efficiency"] == pytest.approx(r["train"]["speedup"] / r["ideal_speedup"])
+        assert r["peak_memory_mb"] > 0
+    assert base["train"]["speedup"] == 1.0 and base["memory_vs_no_drop"] == 1.0
+    (o,) = report["overheads"]
+    assert o["step_median_s"] > 0 and o["explicit_over_ours"] > 0 and math.isfinite(o["saliency_overhead_pct"])
+    (p,) = report["projections"]
+    assert p["epochs"] == 4 and p["batch_size"] == 100 and p["measured_batch_size"] == 2
+    macs = [tiny_macs(k, 0, 10, 1) for k in (64, 64, 48, 32)]
+    assert p["ideal_speedup"] == pytest.approx(4 * macs[0] / sum(macs))
+    assert p["predicted_s"] > 0 and p["speedup"] > 0
+    (d,) = report["data_pipeline"]
+    assert d["images_per_s"] > 0 and d["source"] == "digits" and d["bound_by"] in ("model", "data pipeline")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    stdout = capsys.readouterr().out
+    assert "hybrid_vit_tiny" in stdout and "projection" in stdout
+
+
+def test_config_block_out_of_range(tmp_path, capsys):
+    import yaml
+
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text(yaml.safe_dump({**TINY_CONFIG, "token_drop": {**TINY_CONFIG["token_drop"], "blocks": [4]}}))
+    assert run(parse(["--model", "hybrid_vit_tiny", "--config", str(cfg_path)])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--config" in err[0] and "token_drop.blocks" in err[0]
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--model", "no_such_vit"], "--model"),
+    (["--drop-ratios", "1.0"], "--drop-ratios"),
+    (["--drop-ratios", "-0.1"], "--drop-ratios"),
+    (["--drop-ratios", "abc"], "--drop-ratios"),
+    (["--blocks", "4"], "--blocks"),
+    (["--blocks", "-1"], "--blocks"),
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--device", "quantum"], "--device"),
+    (["--config", "no_such_config_name"], "--config"),
+    (["--rounds", "0"], "--rounds"),
+])
+def test_bad_arguments(argv, flag, capsys):
+    rc = run(parse(["--model", "hybrid_vit_tiny", "--no-progress", *argv] if argv[0] != "--model" else
+                   [*argv, "--no-progress"]))
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "error" in err[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is absent")
+def test_missing_cuda_is_a_usage_error(capsys):
+    assert run(parse(["--model", "hybrid_vit_tiny", "--device", "cuda"])) == 2
+    assert "--device" in capsys.readouterr().err

@@ -1,0 +1,476 @@
+"""``tokendrop bench``: measured against ideal speed-up of token drop, MACs, memory, overheads, projections.
+
+The main CLI adds :func:`add_arguments` to its ``bench`` sub-parser and calls :func:`run`; this module
+also runs alone: ``python -m tokendrop.bench.command --model hybrid_vit_ptd --drop-ratios 0 0.35``.
+The measuring functions live in :mod:`tokendrop.bench.speed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+DEFAULT_DROPS = ("0", "0.1", "0.2", "0.35", "0.5")
+BENCH_NUM_CLASSES = 100  # the seeds' CIFAR-100 head
+SKIPPABLE = ("grid", "inference", "counts", "memory", "overheads", "data")
+
+NOTES = [
+    "Timing: per network and batch size, interleaved rounds (d = 0 baseline, then every variant in a shuffled "
+    "order; a closing baseline ends the last round). speedup = median over rounds of reference / time, where "
+    "reference is the geometric mean of the two baselines around the variant; *_median_s are raw medians; "
+    "speedup_of_minima compares the fastest steps (load from other processes only adds time).",
+    "Training step = zero_grad, forward, cross-entropy, backward, AdamW step on a fixed random batch "
+    "(no data loading, AMP, clipping or EMA).",
+    "Inference rows run the reducer at inference too (sites attached with when='always'): that is post-hoc "
+    "pruning. PTD/CTD themselves evaluate with every token, so their inference cost is the d = 0 row.",
+    "MACs are per image, forward: macs_counted by FlopCounterMode (with the CPU SDPA formula), macs_analytic in "
+    "closed form from the kept token counts; ideal_speedup = analytic MACs at d = 0 / at d.",
+    "Peak memory: CUDA max_memory_allocated; on the CPU the peak resident set size of a separate process that "
+    "runs only that variant's training steps, minus its resident size before the first step.",
+]
+
+
+class UsageError(ValueError):
+    """A bad command-line value; the message names the argument."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``. Values are checked by :func:`run` (one-line errors, exit 2)."""
+    parser.add_argument("--model", nargs="+", default=["hybrid_vit_ptd"], metavar="NAME",
+                        help="backbones: hybrid_vit_ptd, hybrid_vit_ctd, hybrid_vit_tiny or a timm ViT "
+                             "(default hybrid_vit_ptd)")
+    parser.add_argument("--drop-ratios", nargs="+", default=list(DEFAULT_DROPS), metavar="D",
+                        help="drop ratios in [0, 1); d = 0 is always measured as the baseline "
+                             "(default 0 0.1 0.2 0.35 0.5)")
+    parser.add_argument("--blocks", nargs="+", default=["0"], metavar="B",
+                        help="0-based block indices; each is benchmarked as a single drop site (default 0)")
+    parser.add_argument("--batch-sizes", nargs="+", default=["32"], metavar="N", help="batch sizes (default 32)")
+    parser.add_argument("--config", action="append", default=[], metavar="CONFIG",
+                        help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of every --config, e.g. optim.epochs=100")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--rounds", default="5", metavar="R", help="interleaved timing rounds (default 5)")
+    parser.add_argument("--warmup", default="2", metavar="W", help="untimed steps per variant first (default 2)")
+    parser.add_argument("--memory-steps", default="2", metavar="S",
+                        help="training steps of each peak-memory measurement (default 2)")
+    parser.add_argument("--memory-blocks", nargs="+", default=None, metavar="B",
+                        help="measure peak memory only for these of --blocks (default: all of them)")
+    parser.add_argument("--data-batches", default="40", metavar="N",
+                        help="batches drawn to time a config's data pipeline (default 40)")
+    parser.add_argument("--threads", default="0", metavar="T", help="torch CPU threads; 0 = PyTorch's default")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="PART",
+                        help=f"parts to leave out: {', '.join(SKIPPABLE)} "
+                             "(grid: the model × block × drop-ratio rows)")
+    parser.add_argument("--seed", default="0", help="seed of the random inputs and weights (default 0)")
+    parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="OUT.png", help="plot measured and ideal speed-up against drop ratio")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+# ------------------------------------------------------------------------------------------ checking
+def _numbers(values: Sequence[Any], flag: str, kind: type) -> list:
+    out = []
+    for v in values:
+        try:
+            x = kind(v)
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag}: {v!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(x):
+            raise UsageError(f"{flag}: {v!r} is not a finite number")
+        out.append(x)
+    return out
+
+
+def _one(value: Any, flag: str, lo: int) -> int:
+    (x,) = _numbers([value], flag, int)
+    if x < lo:
+        raise UsageError(f"{flag}: {x} is outside the allowed range [{lo}, inf)")
+    return x
+
+
+@dataclasses.dataclass
+class Options:
+    """Checked command-line values."""
+
+    models: list[str]
+    depths: dict[str, int]
+    drops: list[float]
+    blocks: list[int]
+    batch_sizes: list[int]
+    configs: list[tuple[str, Any]]
+    device: Any
+    rounds: int
+    warmup: int
+    memory_steps: int
+    data_batches: int
+    threads: int
+    seed: int
+    skip: set[str]
+    memory_blocks: list[int]
+
+
+def check_args(args: argparse.Namespace) -> Options:
+    """Validate every option; raise :class:`UsageError` naming the first bad one."""
+    from ..models import build_model
+    from ..train.config import ConfigError, load_config
+    from .speed import resolve_device
+
+    models = list(args.model)
+    depths = {}
+    for name in models:
+        try:
+            depths[name] = len(build_model(name, num_classes=BENCH_NUM_CLASSES).blocks)
+        except ValueError as e:
+            raise UsageError(f"--model: unknown model {name!r} ({str(e).split('(', 1)[-1].rstrip(')')})") from None
+        except (AttributeError, TypeError):
+            raise UsageError(f"--model: {name!r} is not a ViT with a `blocks` sequence") from None
+    drops = _numbers(args.drop_ratios, "--drop-ratios", float)
+    for d in drops:
+        if not 0.0 <= d < 1.0:
+            raise UsageError(f"--drop-ratios: {d:g} is outside the allowed range [0, 1)")
+    blocks = _numbers(args.blocks, "--blocks", int)
+    if len(set(blocks)) != len(blocks):
+        raise UsageError(f"--blocks: {blocks} names a block twice")
+    for name in models:
+        for b in blocks:
+            if not 0 <= b < depths[name]:
+                raise UsageError(f"--blocks: index {b} is outside the allowed range [0, {depths[name] - 1}] of {name}")
+    memory_blocks = blocks if args.memory_blocks is None else _numbers(args.memory_blocks, "--memory-blocks", int)
+    for b in memory_blocks:
+        if b not in blocks:
+            raise UsageError(f"--memory-blocks: {b} is not one of --blocks {blocks}")
+    batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
+    for n in batch_sizes:
+        if n < 1:
+            raise UsageError(f"--batch-sizes: {n} is outside the allowed range [1, inf)")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    skip = set(args.skip)
+    unknown = skip - set(SKIPPABLE)
+    if unknown:
+        raise UsageError(f"--skip: {', '.join(sorted(unknown))} is not one of {', '.join(SKIPPABLE)}")
+    configs = []
+    for name in args.config:
+        try:
+            cfg = load_config(name, list(args.set))
+        except ConfigError as e:
+            raise UsageError(f"--config {name}: {e}") from None
+        try:
+            depth = len(build_model(cfg.model.name, num_classes=BENCH_NUM_CLASSES).blocks)
+        except ValueError as e:
+            raise UsageError(f"--config {name}: model.name: {e}") from None
+        bad = [b for b in cfg.token_drop.blocks if b >= depth]
+        if cfg.token_drop.enabled and bad:
+            raise UsageError(f"--config {name}: token_drop.blocks: index {bad[0]} is outside the allowed range "
+                             f"[0, {depth - 1}] of {cfg.model.name}")
+        configs.append((name, cfg))
+    if args.set and not args.config:
+        raise UsageError("--set: only applies to a --config")
+    return Options(models, depths, drops, blocks, batch_sizes, configs, device,
+                   _one(args.rounds, "--rounds", 1), _one(args.warmup, "--warmup", 0),
+                   _one(args.memory_steps, "--memory-steps", 0), _one(args.data_batches, "--data-batches", 0),
+                   _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``tokendrop bench`` command line of ``args``."""
+    parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
+             "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
+    for c in args.config:
+        parts += ["--config", c]
+    for s in args.set:
+        parts += ["--set", s]
+    parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+              "--memory-steps", str(args.memory_steps)]
+    if args.memory_blocks is not None:
+        parts += ["--memory-blocks", *map(str, args.memory_blocks)]
+    parts += ["--data-batches", str(args.data_batches)]
+    if str(args.threads) != "0":
+        parts += ["--threads", str(args.threads)]
+    if args.skip:
+        parts += ["--skip", *args.skip]
+    if str(args.seed) != "0":
+        parts += ["--seed", str(args.seed)]
+    if args.json:
+        parts += ["--json", args.json]
+    if args.plot:
+        parts += ["--plot", args.plot]
+    return shlex.join(parts)
+
+
+# --------------------------------------------------------------------------------------------- run
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="bench", unit="round", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print a table; write ``--json`` / ``--plot``.
+    Returns 0, or 2 after a one-line error naming a bad argument."""
+    try:
+        opts = check_args(args)
+    except UsageError as e:
+        print(f"tokendrop bench: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    import torch
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    report = measure(opts, progress=not args.no_progress)
+    report["command"] = command_line(args)
+    print(format_report(report))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {path}")
+    if args.plot and not report["rows"]:
+        print("--plot: no drop-ratio rows to plot (--skip grid)", file=sys.stderr)
+    elif args.plot:
+        path = Path(args.plot)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_report(report, path)
+        print(f"wrote {path}")
+    return 0
+
+
+def measure(opts: Options, progress: bool = True) -> dict:
+    """Every measurement of a checked :class:`Options`, as a JSON-ready dict."""
+    import torch
+
+    from ..models import build_model
+    from . import speed as S
+
+    device = opts.device
+    n_drops = len({0.0, *opts.drops})
+    grid = "grid" not in opts.skip
+    groups = len(opts.models) * len(opts.batch_sizes) * len(opts.blocks) if grid else 0
+    per_group = opts.rounds * (1 if "inference" in opts.skip else 2)
+    total = groups * per_group
+    memory_on = grid and bool(opts.memory_steps) and "memory" not in opts.skip
+    if memory_on:
+        total += len(opts.models) * len(opts.batch_sizes) * len(opts.memory_blocks) * n_drops
+    if "overheads" not in opts.skip:
+        total += len(opts.models) * len(opts.batch_sizes) * opts.rounds
+    total += len(opts.configs) * (opts.rounds + 1)
+    bar = _progress(total, progress)
+    tick = lambda: bar.update(1)  # noqa: E731
+
+    report: dict[str, Any] = {"tool": "tokendrop bench", "machine": S.machine_info(device), "notes": NOTES,
+                              "settings": {"models": opts.models, "drop_ratios": opts.drops, "blocks": opts.blocks,
+                                           "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
+                                           "warmup": opts.warmup, "memory_steps": opts.memory_steps,
+                                           "memory_blocks": opts.memory_blocks,
+                                           "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed},
+                              "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
+    kwargs = {"num_classes": BENCH_NUM_CLASSES}
+    try:
+        for name in opts.models:
+            for batch in opts.batch_sizes if grid else ():
+                for block in opts.blocks:
+                    bar.set_description(f"{name} b{block} bs{batch}")
+                    torch.manual_seed(opts.seed)
+                    probe = S.DropProbe(build_model(name, **kwargs), [block])
+                    rows = S.measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
+                                           infer="inference" not in opts.skip, count="counts" not in opts.skip,
+                                           seed=opts.seed, on_round=tick)
+                    del probe
+                    if memory_on and block in opts.memory_blocks:
+                        bar.set_description(f"{name} b{block} bs{batch} memory")
+                        for r in rows:
+                            spec = S.MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
+                                                torch.get_num_threads(), str(device), opts.seed)
+                            mem = S.peak_train_memory(spec)
+                            if mem is not None:
+                                r.peak_memory_mb = mem.peak_bytes / 2**20
+                                r.memory_method = mem.method
+                            tick()
+                        base = rows[0].peak_memory_mb
+                        for r in rows:
+                            if base and r.peak_memory_mb is not None:
+                                r.memory_vs_no_drop = r.peak_memory_mb / base
+                    report["rows"] += [dataclasses.asdict(r) for r in rows]
+            if "overheads" not in opts.skip:
+                for batch in opts.batch_sizes:
+                    bar.set_description(f"{name} bs{batch} overheads")
+                    torch.manual_seed(opts.seed)
+                    o = S.measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
+                                            opts.rounds, opts.warmup, opts.seed, on_round=tick)
+                    report["overheads"].append(dataclasses.asdict(o))
+        for cname, cfg in opts.configs:
+            bar.set_description(f"projection {cname}")
+            proj, pipe = project_config(cname, cfg, opts, tick)
+            report["projections"].append(proj)
+            if pipe is not None:
+                report["data_pipeline"].append(pipe)
+    finally:
+        bar.close()
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
+
+
+def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict, dict | None]:
+    """Projected whole-run speed-up of ``cfg``'s schedule, and its data pipeline's rate beside the model's."""
+    import torch
+
+    from . import speed as S
+
+    td = cfg.token_drop
+    bs = cfg.optim.batch_size
+    n_train = S.train_set_size(cfg)
+    drop_last = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0  # as the trainer
+    steps = S.steps_per_epoch(n_train, bs, drop_last)
+    torch.manual_seed(opts.seed)
+    model, model_kwargs = S.config_model(cfg)
+    blocks = list(td.blocks) if td.enabled else [0]
+    if td.enabled:
+        schedule = S.schedule_from_config(cfg)
+        epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
+    else:
+        schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs
+    probe = S.DropProbe(model, blocks, score=td.score, relative_to=td.relative_to)
+    measured_bs = min(bs, max(opts.batch_sizes))
+    rows = S.measure_drops(cfg.model.name, probe, S.drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
+                           opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick)
+    proj = S.project_schedule(probe, epoch_drops, S.seconds_at(rows, bs), steps, bs)
+    proj.config, proj.model, proj.blocks = cname, cfg.model.name, probe.blocks
+    proj.schedule = repr(schedule) if schedule is not None else "token drop disabled"
+    proj.measured_batch_size = measured_bs
+    proj.notes.append(f"{n_train} training images / batch {bs} = {steps} steps per epoch "
+                      f"({'last partial batch dropped' if drop_last else 'last partial batch kept'}); "
+                      f"epochs counted from 0; drop ratio {'moved every step' if td.per_step else 'set once per epoch'}")
+    if measured_bs != bs:
+        proj.notes.append(f"step times measured at batch {measured_bs} and scaled linearly to batch {bs}")
+    out = dataclasses.asdict(proj)
+    out["model_kwargs"] = model_kwargs
+    out["predicted_hours"] = proj.predicted_s / 3600
+    out["no_drop_hours"] = proj.no_drop_s / 3600
+    pipe = None
+    if opts.data_batches and "data" not in opts.skip:
+        p = S.data_throughput(cfg, opts.data_batches)
+        model_rates = [bs / t for t in proj.epoch_step_s]
+        slowest, fastest = min(model_rates), max(model_rates)
+        pipe = dataclasses.asdict(p) | {
+            "config": cname, "model_images_per_s_no_drop": bs * proj.epochs * steps / proj.no_drop_s,
+            "model_images_per_s_min": slowest, "model_images_per_s_max": fastest,
+            "bound_by": "data pipeline" if p.images_per_s < fastest else "model",
+        }
+    tick()
+    return out, pipe
+
+
+# ------------------------------------------------------------------------------------------- output
+def _f(v: Any, fmt: str, width: int) -> str:
+    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
+
+
+def format_report(report: dict) -> str:
+    """The stdout table of a report."""
+    m = report["machine"]
+    lines = [f"tokendrop bench — {m['device']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch_version']}, "
+             f"{m['date']}",
+             "speed-ups: median of paired ratios against d = 0 (interleaved rounds); min×: ratio of the fastest steps; "
+             "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
+    head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
+            f"{'eff':>6}{'min×':>7}{'infer ms':>10}{'infer×':>8}{'eff':>6}{'GMAC cnt':>10}{'GMAC ana':>10}{'diff%':>7}"
+            f"{'mem MB':>9}{'mem/0':>7}")
+    lines += [head, "-" * len(head)]
+    for r in report["rows"]:
+        tr, inf = r["train"] or {}, r["infer"] or {}
+        lines.append(
+            f"{r['model']:<16}{','.join(map(str, r['blocks'])):>4}{r['batch_size']:>5}{r['drop_ratio']:>6.2f}"
+            f"{','.join(map(str, r['kept_tokens'])):>6}"
+            f"{_f(tr.get('median_s') and 1e3 * tr['median_s'], '.1f', 10)}{_f(tr.get('images_per_s'), '.1f', 8)}"
+            f"{r['ideal_speedup']:>7.3f}{_f(tr.get('speedup'), '.3f', 8)}{_f(r['train_efficiency'], '.2f', 6)}"
+            f"{_f(tr.get('speedup_of_minima'), '.3f', 7)}"
+            f"{_f(inf.get('median_s') and 1e3 * inf['median_s'], '.1f', 10)}{_f(inf.get('speedup'), '.3f', 8)}"
+            f"{_f(r['infer_efficiency'], '.2f', 6)}"
+            f"{_f(r['macs_counted'] and r['macs_counted'] / 1e9, '.4f', 10)}{r['macs_analytic'] / 1e9:>10.4f}"
+            f"{_f(r['macs_agreement_pct'], '.2f', 7)}{_f(r['peak_memory_mb'], '.0f', 9)}{_f(r['memory_vs_no_drop'], '.2f', 7)}")
+    if report["overheads"]:
+        lines += ["", "overheads (training step, median paired ratio):"]
+        for o in report["overheads"]:
+            lines.append(f"  {o['model']} bs {o['batch_size']}: saliency at d = 0 (block {o['block']}) "
+                         f"{o['saliency_overhead_pct']:+.2f} % of the step; explicit softmax(QKᵀ) attention step / ours "
+                         f"= {o['explicit_over_ours']:.3f} ({1e3 * o['explicit_step_median_s']:.1f} vs "
+                         f"{1e3 * o['step_median_s']:.1f} ms)")
+    for p in report["projections"]:
+        lines += ["", f"projection {p['config']} ({p['model']}, blocks {p['blocks']}, {p['schedule']}, "
+                      f"{p['epochs']} epochs × {p['steps_per_epoch']} steps at batch {p['batch_size']}):"]
+        for pt in p["points"]:
+            lines.append(f"  d = {pt['drop_ratio']:.3f}: kept {pt['kept_tokens']}, {pt['macs_per_image'] / 1e9:.4f} GMAC, "
+                         f"{pt['step_s']:.3f} s/step")
+        lines.append(f"  predicted {p['predicted_hours']:.2f} h against {p['no_drop_hours']:.2f} h without drop: "
+                     f"{p['speedup']:.3f}× (ideal {p['ideal_speedup']:.3f}×)")
+        for n in p["notes"]:
+            lines.append(f"  note: {n}")
+    for d in report["data_pipeline"]:
+        lines += ["", f"data pipeline {d['config']}: {d['images_per_s']:.0f} images/s with {d['workers']} workers "
+                      f"({d['source']}); model {d['model_images_per_s_min']:.0f}–{d['model_images_per_s_max']:.0f} images/s "
+                      f"over the schedule → bound by the {d['bound_by']}"]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> None:
+    """Measured (training, inference; bars: quartiles of the paired ratios) and ideal speed-up against drop
+    ratio, one panel per model and batch size, one colour per block; written with matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels: dict[tuple[str, int], list[dict]] = {}
+    for r in report["rows"]:
+        panels.setdefault((r["model"], r["batch_size"]), []).append(r)
+    n = max(1, len(panels))
+    fig = Figure(figsize=(5.2 * n, 4.2), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for ax, ((model, bs), rows) in zip(axes, panels.items()):
+        by_block: dict[str, list[dict]] = {}
+        for r in rows:
+            by_block.setdefault(",".join(map(str, r["blocks"])), []).append(r)
+        for i, (blk, rs) in enumerate(by_block.items()):
+            rs = sorted(rs, key=lambda r: r["drop_ratio"])
+            c = colours[i % len(colours)]
+            d = [r["drop_ratio"] for r in rs]
+            ax.plot(d, [r["ideal_speedup"] for r in rs], "--", color=c, alpha=0.7, label=f"block {blk} ideal (MACs)")
+            for mode, style, label in (("train", "o-", "training step"), ("infer", "x:", "inference (reduced)")):
+                if all(r[mode] for r in rs):
+                    y = [r[mode]["speedup"] for r in rs]
+                    err = [[v - r[mode]["speedup_q25"] for v, r in zip(y, rs)],
+                           [r[mode]["speedup_q75"] - v for v, r in zip(y, rs)]]
+                    ax.errorbar(d, y, yerr=err, fmt=style, color=c, capsize=2, lw=1.2, label=f"block {blk} {label}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xlabel("drop ratio d")
+        ax.set_ylabel("speed-up over d = 0")
+        ax.set_title(f"{model}, batch {bs}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"{m['device']} ({m['cpu']}, {m['torch_threads']} threads), torch {m['torch_version']}, {m['date']}",
+                 fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m tokendrop.bench.command``)."""
+    parser = argparse.ArgumentParser(prog="tokendrop bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
