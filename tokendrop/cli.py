@@ -93,21 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: baseline vs PTD on Fashion-MNIST (CPU, minutes)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--train-subset", type=int, default=12000, help="training images (the full 10k test set is always used)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-subset", type=int, default=10000, help="training images (the full 10k test set is always used)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("configs", help="list the shipped configs and the seed result each reproduces")
     p.set_defaults(func=_cmd_configs)
 
-    try:
-        from .bench.command import add_arguments
-    except ImportError:  # the benchmark module is optional at import time
-        add_arguments = None
-    if add_arguments is not None:
-        p = sub.add_parser("bench", help="measure speed, MACs and memory of token drop against the ideal")
-        add_arguments(p)
-        p.set_defaults(func=_cmd_bench)
+    from .bench.command import add_arguments
+
+    p = sub.add_parser("bench", help="measure speed, MACs and memory of token drop against the ideal")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

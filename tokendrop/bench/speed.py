@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import pick_device
+
 from ..models import build_model
 from ..reduction import Schedule, TopK, attach, expected_patch_tokens, make_schedule, prepare_step, sites
 from .flops import analytic_macs, block_token_counts, count_macs, count_train_macs
@@ -59,33 +61,8 @@ KNOWN_TRAIN_SIZES = {"cifar10": 50_000, "cifar100": 50_000, "fashion-mnist": 60_
 
 # ------------------------------------------------------------------------------------------- device
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA, then MPS, then CPU; otherwise ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
-
-    Raises ``ValueError`` naming ``--device`` when the name is not a device or the device is absent.
-    """
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name!r} requested but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device: {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"--device: {name!r} requested but MPS is not available here")
-    return dev
+    """The benchmark's ``--device``: see :func:`tokendrop.device.pick_device`."""
+    return pick_device(name, key="--device")
 
 
 def synchronize(device: torch.device) -> None:

@@ -40,7 +40,7 @@ def schedule_mac_ratio(cfg: Config, img_size: int, in_chans: int, num_classes: i
     return total / (full * cfg.optim.epochs)
 
 
-def run_demo(out: Path, epochs: int = 6, train_subset: int = 12000) -> dict[str, dict[str, float]]:
+def run_demo(out: Path, epochs: int = 8, train_subset: int = 10000) -> dict[str, dict[str, float]]:
     """Train the baseline and the PTD model, print a side-by-side table, write a comparison plot."""
     dataset = "fashion-mnist"
     try:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import reduction as red
+from ..device import pick_device
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, config_from_dict, merge_dicts
@@ -46,25 +47,6 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then CPU; otherwise the named device (checked to exist)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"run.device: {name!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device: {name!r} requested but CUDA is not available")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"run.device: {name!r} requested but MPS is not available")
-    return dev
 
 
 def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
@@ -404,7 +386,7 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None
     """Validation loss/accuracy of a checkpoint's raw (and EMA) weights on its config's validation set."""
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(merge_dicts(ckpt["config"], overrides or {}))
-    dev = pick_device(device)
+    dev = pick_device(device, key="--device")
     _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.workers)
     model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
