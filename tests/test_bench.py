@@ -14,6 +14,7 @@ from tokendrop import build_model
 from tokendrop.bench import speed as S
 from tokendrop.bench.command import add_arguments, run
 from tokendrop.bench.flops import count_macs
+from tokendrop.train.trainer import token_drop_schedule
 from tokendrop.train.config import config_from_dict
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,7 +118,7 @@ TINY_CONFIG = {
 
 def test_projection_against_hand_computation():
     cfg = config_from_dict(TINY_CONFIG)
-    schedule = S.schedule_from_config(cfg)
+    schedule = token_drop_schedule(cfg)
     assert S.train_set_size(cfg) == 1347
     steps = S.steps_per_epoch(1347, 100, drop_last=False)
     assert steps == 14 and S.steps_per_epoch(1347, 100, drop_last=True) == 13

@@ -7,7 +7,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from tokendrop.bench.flops import (

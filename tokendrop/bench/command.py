@@ -327,6 +327,7 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
     import torch
 
     from . import speed as S
+    from ..train.trainer import token_drop_schedule
 
     td = cfg.token_drop
     bs = cfg.optim.batch_size
@@ -337,7 +338,7 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
     model, model_kwargs = S.config_model(cfg)
     blocks = list(td.blocks) if td.enabled else [0]
     if td.enabled:
-        schedule = S.schedule_from_config(cfg)
+        schedule = token_drop_schedule(cfg)
         epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
     else:
         schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs

@@ -44,14 +44,14 @@ from torch import nn
 from ..device import pick_device
 
 from ..models import build_model
-from ..reduction import Schedule, TopK, attach, expected_patch_tokens, make_schedule, prepare_step, sites
+from ..reduction import Schedule, TopK, attach, expected_patch_tokens, prepare_step, sites
 from .flops import analytic_macs, block_token_counts, count_macs, count_train_macs
 
 __all__ = [
     "DropProbe", "DropResult", "FixedDrop", "MemoryResult", "MemorySpec", "OverheadResult", "PairedTiming",
     "PipelineResult", "Projection", "TrainStep", "InferStep", "data_throughput", "epoch_drop_ratios",
     "input_batch", "interleaved_rounds", "machine_info", "measure_drops", "measure_overheads",
-    "peak_train_memory", "project_schedule", "resolve_device", "schedule_from_config", "steps_per_epoch",
+    "peak_train_memory", "project_schedule", "resolve_device", "steps_per_epoch",
     "synchronize", "train_set_size", "config_model", "drop_points", "seconds_at",
 ]
 
@@ -580,13 +580,6 @@ def peak_train_memory(spec: MemorySpec, timeout_s: float = 900.0) -> MemoryResul
 
 
 # --------------------------------------------------------------------------------------- projection
-def schedule_from_config(cfg: Any) -> Schedule:
-    """The drop-ratio schedule of ``cfg.token_drop`` (as the trainer builds it)."""
-    td = cfg.token_drop
-    return make_schedule(td.schedule, start=td.start, end=td.end, initial=td.initial, final=td.final,
-                         gamma=td.gamma, steps=td.steps)
-
-
 def train_set_size(cfg: Any) -> int:
     """Training images per epoch: the data set's files when present, else its known size; ``train_subset``
     applies."""

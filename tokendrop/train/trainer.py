@@ -75,15 +75,19 @@ def lr_factor(t: float, warmup: float, total: float, min_ratio: float = 0.0) -> 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def token_drop_schedule(cfg: Config) -> red.Schedule:
+    """The drop-ratio schedule of ``cfg.token_drop``."""
+    td = cfg.token_drop
+    return red.make_schedule(td.schedule, start=td.start, end=td.end, initial=td.initial, final=td.final,
+                             gamma=td.gamma, steps=td.steps)
+
+
 def build_token_drop(model: nn.Module, cfg: Config) -> None:
     """Attach the config's token-drop sites (active in training only)."""
     td = cfg.token_drop
-    if not td.enabled:
-        return
-    schedule = red.make_schedule(td.schedule, start=td.start, end=td.end, initial=td.initial, final=td.final,
-                                 gamma=td.gamma, steps=td.steps)
-    red.attach(model, red.TopK(td.score), blocks=list(td.blocks), schedule=schedule, when="train",
-               relative_to=td.relative_to)
+    if td.enabled:
+        red.attach(model, red.TopK(td.score), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when="train",
+                   relative_to=td.relative_to)
 
 
 # Library argument names → the config keys that set them, so errors name what the user can change.
