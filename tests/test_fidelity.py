@@ -6,14 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import tokendrop as td
-
-
-def reference_drop_ratio(t, ts=40, te=140, d0=0.0, d1=0.35, gamma=2.0):
-    if t < ts:
-        return d0
-    if t >= te:
-        return d1
-    return d0 + ((t - ts) / (te - ts)) ** gamma * (d1 - d0)
+from reference import drop_ratio
 
 
 def reference_forward(sd, x, epoch, heads=6):
@@ -34,7 +27,7 @@ def reference_forward(sd, x, epoch, heads=6):
         q, k, v = (ln1 @ sd[p + "attn.qkv.weight"].T).reshape(B, T, 3, heads, E // heads).permute(2, 0, 3, 1, 4)
         A = torch.softmax(q @ k.transpose(-1, -2) / (E // heads) ** 0.5, dim=-1)
         attn_out = (A @ v).transpose(1, 2).reshape(B, T, E) @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
-        d = reference_drop_ratio(epoch)
+        d = drop_ratio(epoch)
         if blk == 0 and d > 0:
             n = T - 1
             keep = max(1, int(n * (1.0 - d)))

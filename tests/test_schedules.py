@@ -3,14 +3,7 @@ import math
 import pytest
 
 import tokendrop as td
-
-
-def closed_form(t, ts=40, te=140, d0=0.0, d1=0.35, gamma=2.0):
-    if t < ts:
-        return d0
-    if t >= te:
-        return d1
-    return d0 + ((t - ts) / (te - ts)) ** gamma * (d1 - d0)
+from reference import drop_ratio as closed_form
 
 
 @pytest.mark.parametrize("t, expected", [(0, 0.0), (39, 0.0), (40, 0.0), (90, 0.0875), (140, 0.35), (199, 0.35)])

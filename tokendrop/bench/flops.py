@@ -266,3 +266,14 @@ def analytic_macs(model: nn.Module, img_size: int | tuple[int, int],
         n_head = n_last if pool in ("", None) else 1  # '' = no pooling: per-token head
         total += n_head * head.in_features * head.out_features
     return total
+
+
+def attached_macs(model: nn.Module, img_size: int | tuple[int, int], training: bool = True) -> int:
+    """Closed-form forward MACs per image with the model's attached reduction sites at their current
+    epoch (``training`` selects which sites are active)."""
+    from ..reduction import expected_patch_tokens, sites
+
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    keeps = {s.block: k for s, k in zip(sites(model), expected_patch_tokens(model, training))}
+    tokens = block_token_counts(model.patch_embed.num_patches + prefix, prefix, len(model.blocks), keeps)
+    return analytic_macs(model, img_size, tokens)

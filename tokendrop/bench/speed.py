@@ -45,7 +45,7 @@ from ..device import pick_device
 
 from ..models import build_model
 from ..reduction import Schedule, TopK, attach, expected_patch_tokens, prepare_step, sites
-from .flops import analytic_macs, block_token_counts, count_macs, count_train_macs
+from .flops import attached_macs, count_macs, count_train_macs
 
 __all__ = [
     "DropProbe", "DropResult", "FixedDrop", "MemoryResult", "MemorySpec", "OverheadResult", "PairedTiming",
@@ -175,18 +175,12 @@ class DropProbe:
         """Patch tokens after each site at the current drop ratio (plain ints)."""
         return expected_patch_tokens(self.model, training=True)
 
-    def token_counts(self) -> list[tuple[int, int]]:
-        """Per-block ``(n_attn, n_mlp)`` token counts (prefix tokens included) at the current drop ratio."""
-        prefix = int(getattr(self.model, "num_prefix_tokens", 1))
-        keeps = dict(zip(self.blocks, self.kept()))
-        return block_token_counts(self.num_patches + prefix, prefix, len(self.model.blocks), keeps)
-
     def analytic_macs(self, drop: float | None = None) -> int:
         """Closed-form forward MACs per image at ``drop`` (default: the current drop ratio)."""
         if drop is not None:
             self.set(drop)
         _, h, w = input_shape(self.model)
-        return analytic_macs(self.model, (h, w), self.token_counts())
+        return attached_macs(self.model, (h, w))
 
 
 class TrainStep:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterable
 
 import torch
@@ -84,7 +85,7 @@ def attach(model: nn.Module, reducer: Reducer, blocks: Iterable[int] = (0,), sch
         if missing or not hasattr(block.attn, "qkv"):
             raise TypeError(f"block {b} ({type(block).__name__}) is not a timm pre-norm ViT Block (missing {missing or ['attn.qkv']})")
     for i, b in enumerate(blocks):
-        red = reducer if i == 0 else _copy_reducer(reducer)
+        red = reducer if i == 0 else copy.deepcopy(reducer)
         site = Site(b, red, schedule, reg, when, position, relative_to, always_reduce)
         block = model_blocks[b]
         block.token_site = site
@@ -92,12 +93,6 @@ def attach(model: nn.Module, reducer: Reducer, blocks: Iterable[int] = (0,), sch
         reg.sites.append(site)
     reg.sites.sort(key=lambda s: s.block)
     return model
-
-
-def _copy_reducer(reducer: Reducer) -> Reducer:
-    import copy
-
-    return copy.deepcopy(reducer)
 
 
 def detach(model: nn.Module) -> nn.Module:

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from .. import reduction as red
-from ..bench.flops import analytic_macs, block_token_counts
+from ..bench.flops import analytic_macs, attached_macs
 from .config import Config, load_config
-from .data import DatasetNotFoundError, build_datasets
+from .data import DatasetNotFoundError, build_datasets, dataset_info
 from .plots import plot_comparison, read_metrics
 from .trainer import build_run_model, train
 
@@ -31,20 +31,16 @@ def schedule_mac_ratio(cfg: Config, img_size: int, in_chans: int, num_classes: i
     total = 0.0
     for epoch in range(cfg.optim.epochs):
         red.set_epoch(model, epoch)
-        sites = red.sites(model)
-        kept = red.expected_patch_tokens(model, training=True)
-        keeps = {s.block: k for s, k in zip(sites, kept)}
-        tokens = block_token_counts(model.patch_embed.num_patches + model.num_prefix_tokens, model.num_prefix_tokens,
-                                    len(model.blocks), keeps)
-        total += analytic_macs(model, img_size, tokens)
+        total += attached_macs(model, img_size)
     return total / (full * cfg.optim.epochs)
 
 
 def run_demo(out: Path, epochs: int = 8, train_subset: int = 10000) -> dict[str, dict[str, float]]:
     """Train the baseline and the PTD model, print a side-by-side table, write a comparison plot."""
     dataset = "fashion-mnist"
+    base = load_config("fashion_mnist_baseline")
     try:
-        build_datasets(load_config("fashion_mnist_baseline").data, load_config("fashion_mnist_baseline").augment, 0)
+        build_datasets(base.data, base.augment, 0)
     except DatasetNotFoundError as e:
         print(f"notice: {e}\nnotice: Fashion-MNIST is missing, so the demo uses scikit-learn's digits instead.", file=sys.stderr)
         dataset = "digits"
@@ -58,7 +54,7 @@ def run_demo(out: Path, epochs: int = 8, train_subset: int = 10000) -> dict[str,
               + (" (resuming)" if resume else ""), file=sys.stderr)
         runs[name] = train(cfg, run_dir, resume=resume)
 
-    _, _, info = build_datasets(cfgs["ptd"].data, cfgs["ptd"].augment, 0)
+    info = dataset_info(dataset)
     img = cfgs["ptd"].data.img_size or info.img_size
     summary: dict[str, dict[str, float]] = {}
     for name, run_dir in runs.items():
