@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from timm.models.vision_transformer import Attention, VisionTransformer
 
 from tokendrop.bench.flops import (
+    SDPA_CPU_FLOP_MAPPING,
     analytic_macs,
     block_token_counts,
     count_macs,
@@ -205,12 +206,23 @@ def test_cpu_sdpa_counted_like_math_backend():
     assert math > 0
     assert rel_err(fused, math) < 1e-3
 
-    # Without the custom mapping, the CPU flash kernel counts 0: strictly fewer MACs.
-    plain = FlopCounterMode(display=False)
-    with torch.no_grad(), plain:
+    # Ours adds a formula only where torch has none, so no kernel is counted twice (torch 2.15 has one).
+    assert not any(op in flop_registry or op.default in flop_registry for op in SDPA_CPU_FLOP_MAPPING)
+
+
+def test_cpu_sdpa_mapping_is_what_makes_counts_agree():
+    """Whatever torch provides plus our mapping counts the fused kernel like the math backend; a wrong
+    formula for the fused kernel (here: zero) would break the agreement, so the check can fail."""
+    torch.manual_seed(0)
+    m = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = count_macs(m, x)
+    zero = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda *a, **k: 0}
+    broken = FlopCounterMode(display=False, custom_mapping=zero)
+    with torch.no_grad(), broken:
         m(x)
-    missing = fused - plain.get_total_flops() // 2
-    assert missing == 2 * 3 * (2 * 3 * 65 * 65 * 16)  # batch * depth * (QK^T + AV)
+    assert math - broken.get_total_flops() // 2 == 2 * 3 * (2 * 3 * 65 * 65 * 16)  # batch * depth * (QK^T + AV)
 
 
 def test_count_train_macs():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import (
     FlopCounterMode,
+    flop_registry,
     sdpa_backward_flop_count,
     sdpa_flop_count,
 )
@@ -66,19 +67,24 @@ def _sdpa_cpu_backward_flop(grad_out_shape: Any, query_shape: Any, key_shape: An
                                     _as_4d(key_shape), _as_4d(value_shape))
 
 
+def _torch_counts(op: Any) -> bool:
+    """Whether torch's own FlopCounterMode has a formula for ``op`` (keyed by packet or overload)."""
+    return op in flop_registry or getattr(op, "default", None) in flop_registry
+
+
 def _build_cpu_mapping() -> dict[Any, Callable[..., int]]:
     mapping: dict[Any, Callable[..., int]] = {}
-    fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-    if fwd is not None:
-        mapping[fwd] = _sdpa_cpu_flop
-    if bwd is not None:
-        mapping[bwd] = _sdpa_cpu_backward_flop
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop)):
+        op = getattr(_aten, name, None)
+        if op is not None and not _torch_counts(op):
+            mapping[op] = formula
     return mapping
 
 
-#: ``custom_mapping`` for FlopCounterMode adding the CPU flash-attention kernels, for
-#: which torch has no built-in formula (they would otherwise count as 0 FLOPs).
+#: ``custom_mapping`` for FlopCounterMode adding the CPU flash-attention kernels where the installed
+#: torch has no formula of its own (up to torch 2.14 they count as 0 FLOPs; torch 2.15 counts them,
+#: and then this mapping is empty, so nothing is counted twice).
 #: Formulas receive shapes (FlopCounterMode wraps them with ``shape_wrapper``).
 SDPA_CPU_FLOP_MAPPING: dict[Any, Callable[..., int]] = _build_cpu_mapping()
 
