@@ -203,33 +203,41 @@ def _block_macs(block: nn.Module, n_attn: int, n_mlp: int) -> int:
     return macs
 
 
-def block_token_counts(num_tokens: int, num_prefix: int, depth: int,
-                       keeps: dict[int, int]) -> list[tuple[int, int]]:
+def block_token_counts(num_tokens: int, num_prefix: int, depth: int, keeps: dict[int, int],
+                       before: dict[int, int] | None = None) -> list[tuple[int, int]]:
     """Per-block ``(n_attn, n_mlp)`` token counts, prefix tokens included.
 
-    ``num_tokens`` enters block 0 (patches + prefix). ``keeps[i] = k`` means block
-    ``i`` does an *inside* reduction: attention sees the current tokens, then only
-    ``k`` patch tokens (plus all ``num_prefix`` prefix tokens) go to the MLP and to
-    all later blocks. Prefix tokens are never dropped.
+    ``num_tokens`` enters block 0 (patches + prefix). ``keeps[i] = k`` means block ``i`` does an *inside*
+    reduction: attention sees the current tokens, then ``k`` patch tokens (plus all ``num_prefix`` prefix
+    tokens) go to the MLP and to all later blocks. ``before[i] = k`` means the tokens are reduced to ``k``
+    patch tokens *before* block ``i``, so its attention already sees them. Prefix tokens are never dropped.
     """
+    before = before or {}
     if depth < 0:
         raise ValueError(f"depth must be >= 0, got {depth}")
     if not 0 <= num_prefix <= num_tokens:
         raise ValueError(f"need 0 <= num_prefix ({num_prefix}) <= num_tokens ({num_tokens})")
-    bad = [i for i in keeps if not 0 <= i < depth]
+    bad = [i for i in (*keeps, *before) if not 0 <= i < depth]
     if bad:
         raise ValueError(f"keeps has block indices {bad} outside [0, {depth})")
+    both = sorted(set(keeps) & set(before))
+    if both:
+        raise ValueError(f"block {both[0]} has both an inside and a before reduction")
     out: list[tuple[int, int]] = []
     n = num_tokens
     for i in range(depth):
-        n_attn = n
-        if i in keeps:
-            k = int(keeps[i])
-            if not 0 <= k <= n - num_prefix:
-                raise ValueError(f"block {i}: cannot keep {k} patch tokens out of "
-                                 f"{n - num_prefix}")
-            n = num_prefix + k
-        out.append((n_attn, n))
+        for table, where in ((before, "before"), (keeps, "inside")):
+            if i in table:
+                k = int(table[i])
+                if not 0 <= k <= n - num_prefix:
+                    raise ValueError(f"block {i}: cannot keep {k} patch tokens out of {n - num_prefix} ({where})")
+                if where == "before":
+                    n = num_prefix + k
+                else:
+                    out.append((n, num_prefix + k))
+                    n = num_prefix + k
+        if len(out) == i:
+            out.append((n, n))
     return out
 
 
@@ -276,10 +284,13 @@ def analytic_macs(model: nn.Module, img_size: int | tuple[int, int],
 
 def attached_macs(model: nn.Module, img_size: int | tuple[int, int], training: bool = True) -> int:
     """Closed-form forward MACs per image with the model's attached reduction sites at their current
-    epoch (``training`` selects which sites are active)."""
-    from ..reduction import expected_patch_tokens, sites
+    epoch (``training`` selects which sites are active); each site counts the tokens its reducer's
+    ``output_count`` says leave it, at its position."""
+    from ..reduction import site_token_counts
 
     prefix = int(getattr(model, "num_prefix_tokens", 1))
-    keeps = {s.block: k for s, k in zip(sites(model), expected_patch_tokens(model, training))}
-    tokens = block_token_counts(model.patch_embed.num_patches + prefix, prefix, len(model.blocks), keeps)
+    counts = site_token_counts(model, training)
+    keeps = {block: n for block, position, n in counts if position == "inside"}
+    before = {block: n for block, position, n in counts if position == "before"}
+    tokens = block_token_counts(model.patch_embed.num_patches + prefix, prefix, len(model.blocks), keeps, before)
     return analytic_macs(model, img_size, tokens)

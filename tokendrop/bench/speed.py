@@ -44,7 +44,8 @@ from torch import nn
 from ..device import pick_device
 
 from ..models import build_model
-from ..reduction import Schedule, TopK, attach, expected_patch_tokens, prepare_step, sites
+from ..methods import TopK
+from ..reduction import Schedule, attach, expected_patch_tokens, prepare_step, sites
 from .flops import attached_macs, count_macs, count_train_macs
 
 __all__ = [

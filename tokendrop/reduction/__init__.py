@@ -1,13 +1,17 @@
-"""Token reduction: reducers (which tokens survive), schedules (how many), sites (where)."""
+"""Token-reduction machinery: reducers (which tokens survive), schedules (how many), sites (where), and the
+token state one forward pass carries through every block. It knows no method by name; methods live in
+:mod:`tokendrop.methods` and register themselves."""
 
-from .api import attach, aux_loss, detach, expected_patch_tokens, last_reduction, prepare_step, set_epoch, sites
-from .base import Reducer, SiteInputs
+from .api import (attach, aux_loss, detach, expected_patch_tokens, last_reduction, prepare_step, set_epoch,
+                  site_token_counts, sites)
+from .base import SITE_INPUTS, Reducer, SiteFacts, SiteInputs
+from .registry import reducer, reducer_arguments, reducer_names, register_reducer
 from .schedules import Constant, Cosine, Curriculum, Linear, Schedule, Step, keep_count, make_schedule
 from .state import SiteRecord, TokenState
-from .topk import TopK
 
 __all__ = [
-    "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "SiteInputs", "SiteRecord", "Step",
-    "TokenState", "TopK", "attach", "aux_loss", "detach", "expected_patch_tokens", "keep_count", "last_reduction",
-    "make_schedule", "prepare_step", "set_epoch", "sites",
+    "SITE_INPUTS", "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "SiteFacts", "SiteInputs",
+    "SiteRecord", "Step", "TokenState", "attach", "aux_loss", "detach", "expected_patch_tokens", "keep_count",
+    "last_reduction", "make_schedule", "prepare_step", "reducer", "reducer_arguments", "reducer_names",
+    "register_reducer", "set_epoch", "site_token_counts", "sites",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
 
-from .base import Reducer
+from .base import ATTENTION_INPUTS, Reducer, SiteFacts
+from .registry import reducer as build_reducer
 from .schedules import Constant, Schedule
 from .site import Position, ReducingBlock, Registry, Site, When, patched_class
 from .state import TokenState
@@ -40,33 +41,37 @@ def _registry(model: nn.Module, create: bool = False) -> Registry | None:
     return reg
 
 
-def attach(model: nn.Module, reducer: Reducer, blocks: Iterable[int] = (0,), schedule: Schedule | None = None,
-           when: When = "train", position: Position = "inside", relative_to: str = "entering",
+ReducerSpec = Union[Reducer, str, Callable[[SiteFacts], Reducer]]
+
+
+def attach(model: nn.Module, reducer: ReducerSpec, blocks: Iterable[int] = (0,), schedule: Schedule | None = None,
+           when: When = "train", position: Position | None = None, relative_to: str = "entering",
            always_reduce: bool = False) -> nn.Module:
     """Add a reduction site with ``reducer`` and ``schedule`` to each block index in ``blocks`` (0-based).
 
-    Works on our backbones and on timm ``VisionTransformer`` models (DeiT, distilled DeiT, register
-    tokens, LayerScale, qk-norm); blocks are patched in place, weights untouched. Each block gets its
-    own copy of ``reducer`` when several blocks are given. ``schedule`` defaults to keeping every token.
+    ``reducer`` is a :class:`Reducer` (each further block gets its own copy), a registered method name
+    (``"topk"``; arguments through :func:`tokendrop.reducer`), or a factory called once per site with its
+    :class:`SiteFacts` (block, width, heads, tokens entering, keep count at the schedule's current epoch)
+    for learned reducers whose shapes depend on the site. ``position=None`` takes the reducer's
+    ``default_position``. Works on our backbones and on timm ``VisionTransformer`` models (DeiT, distilled
+    DeiT, register tokens, LayerScale, qk-norm); every block is patched in place, weights untouched.
     Returns ``model``. Attaching twice to one block is an error; :func:`detach` undoes everything.
     """
     if when not in ("train", "eval", "always"):
         raise ValueError(f"when: {when!r} is not one of train, eval, always")
-    if position not in ("inside", "before"):
+    if position not in (None, "inside", "before"):
         raise ValueError(f"position: {position!r} is not one of inside, before")
     if relative_to not in ("entering", "original"):
         raise ValueError(f"relative_to: {relative_to!r} is not one of entering, original")
-    if not isinstance(reducer, Reducer):
-        raise TypeError(f"reducer: expected a tokendrop Reducer, got {type(reducer).__name__}")
-    if position == "before" and reducer.needs_cls_attention:
-        raise ValueError("position: 'before' has no attention to score with; use position='inside' for this reducer")
+    if isinstance(reducer, str):
+        reducer = build_reducer(reducer)
+    if not (isinstance(reducer, Reducer) or callable(reducer)):
+        raise TypeError(f"reducer: expected a tokendrop Reducer, a method name or a factory, got {type(reducer).__name__}")
     schedule = schedule if schedule is not None else Constant(1.0)
     base = _unwrap(model)
     model_blocks = getattr(base, "blocks", None)
     if not isinstance(model_blocks, nn.Sequential | nn.ModuleList):
         raise TypeError(f"{type(base).__name__}: expected a ViT with a `blocks` sequence (ours or timm's VisionTransformer)")
-    if reducer.needs_cls_attention and getattr(base, "cls_token", None) is None:
-        raise ValueError(f"reducer: {type(reducer).__name__} scores by CLS attention but {type(base).__name__} has no class token")
     blocks = list(blocks)
     if not blocks:
         raise ValueError("blocks: give at least one block index")
@@ -76,23 +81,70 @@ def attach(model: nn.Module, reducer: Reducer, blocks: Iterable[int] = (0,), sch
             raise ValueError(f"blocks: index {b!r} is outside the allowed range [0, {depth - 1}]")
     if len(set(blocks)) != len(blocks):
         raise ValueError(f"blocks: {blocks} names a block twice")
-    reg = _registry(base, create=True)
-    for b in blocks:
-        block = model_blocks[b]
-        if isinstance(block, ReducingBlock):
-            raise ValueError(f"blocks: block {b} already has a reduction site (detach first)")
+    for i, block in enumerate(model_blocks):
         missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
         if missing or not hasattr(block.attn, "qkv"):
-            raise TypeError(f"block {b} ({type(block).__name__}) is not a timm pre-norm ViT Block (missing {missing or ['attn.qkv']})")
-    for i, b in enumerate(blocks):
-        red = reducer if i == 0 else copy.deepcopy(reducer)
-        site = Site(b, red, schedule, reg, when, position, relative_to, always_reduce)
-        block = model_blocks[b]
-        block.token_site = site
-        block.__class__ = patched_class(type(block))
-        reg.sites.append(site)
-    reg.sites.sort(key=lambda s: s.block)
+            raise TypeError(f"block {i} ({type(block).__name__}) is not a timm pre-norm ViT Block (missing {missing or ['attn.qkv']})")
+    reg = _registry(base, create=True)
+    taken = [b for b in blocks if b in reg.site_at]
+    if taken:
+        raise ValueError(f"blocks: block {taken[0]} already has a reduction site (detach first)")
+    added: list[Site] = []
+    try:
+        for i, b in enumerate(sorted(blocks)):
+            if isinstance(reducer, Reducer):
+                red = reducer if i == 0 else copy.deepcopy(reducer)
+            else:
+                red = reducer(_site_facts(base, reg, b, schedule, when, relative_to))
+                if not isinstance(red, Reducer):
+                    raise TypeError(f"reducer: the factory returned {type(red).__name__}, not a tokendrop Reducer")
+            _check_placement(base, red, b, position or red.default_position)
+            site = Site(b, red, schedule, reg, when, position or red.default_position, relative_to, always_reduce)
+            model_blocks[b].token_site = site
+            reg.add(site)
+            added.append(site)
+    except Exception:
+        for site in added:  # all or nothing
+            reg.remove(site)
+            del model_blocks[site.block].token_site
+        if not reg.sites:
+            del base.__dict__[_REGISTRY_ATTR]
+        raise
+    for i, block in enumerate(model_blocks):  # every block carries the token state
+        if not isinstance(block, ReducingBlock):
+            block.__class__ = patched_class(type(block))
+            block.token_block = i
+            block.__dict__["token_registry"] = reg
     return model
+
+
+def _check_placement(base: nn.Module, reducer: Reducer, block: int, position: str) -> None:
+    """One-line errors for a reducer that cannot work at ``position`` of ``block`` of ``base``."""
+    if position not in ("inside", "before"):
+        raise ValueError(f"position: {type(reducer).__name__}.default_position {position!r} is not inside or before")
+    attention_needs = sorted(reducer.needs & ATTENTION_INPUTS)
+    if position == "before" and attention_needs:
+        raise ValueError(f"position: 'before' has no attention to hand {type(reducer).__name__} "
+                         f"({', '.join(attention_needs)}); use position='inside'")
+    if "prev_attention_colsum" in reducer.needs and block == 0:
+        raise ValueError(f"blocks: {type(reducer).__name__} uses the previous block's attention; block 0 has none")
+    if reducer.needs & {"cls_attention", "cls_attention_grad", "cls_attention_heads"} and getattr(base, "cls_token", None) is None:
+        raise ValueError(f"reducer: {type(reducer).__name__} scores by CLS attention but {type(base).__name__} has no class token")
+
+
+def _site_facts(base: nn.Module, reg: Registry, block: int, schedule: Schedule, when: str, relative_to: str) -> SiteFacts:
+    """What a factory learns about the site it builds for, with the sites attached so far before it."""
+    training = when != "eval"
+    state = TokenState(reg.num_prefix, reg.grid)
+    n = state.num_patches
+    for site in reg.sites:
+        if site.block < block:
+            keep, reduce = site.plan(n, state, training)
+            n = site.reducer.output_count(n, keep) if reduce else n
+    probe = Site(block, Reducer(), schedule, reg, when, "inside", relative_to)
+    probe.epoch = reg.sites[0].epoch if reg.sites else 0.0
+    attn = base.blocks[block].attn
+    return SiteFacts(block, int(attn.qkv.in_features), int(attn.num_heads), n, probe.target_keep(n, state))
 
 
 def detach(model: nn.Module) -> nn.Module:
@@ -104,7 +156,9 @@ def detach(model: nn.Module) -> nn.Module:
     for block in base.blocks:
         if isinstance(block, ReducingBlock):
             block.__class__ = block._original_class
-            del block.token_site
+            if "token_site" in block._modules:
+                del block.token_site
+            del block.token_block, block.__dict__["token_registry"]
     del base.__dict__[_REGISTRY_ATTR]
     return model
 
@@ -139,22 +193,31 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
-def _plan(reg: Registry, training: bool) -> list[tuple[Site, int, int]]:
-    """(site, patch tokens entering, patch tokens kept) at the current epoch, without a forward pass."""
-    state = TokenState(reg.num_prefix, reg.grid)
+def _plan(reg: Registry, training: bool, state: TokenState | None = None) -> list[tuple[Site, int, int, int]]:
+    """(site, patch tokens entering, keep target, patch tokens leaving) at the current epoch, without a
+    forward pass; the count leaving is the reducer's ``output_count`` (an upper bound where counts vary)."""
+    state = state if state is not None else TokenState(reg.num_prefix, reg.grid)
     n, out = state.num_patches, []
     for site in reg.sites:
-        keep = site.target_keep(n, state) if site.is_active(training) else n
-        out.append((site, n, keep))
-        n = keep
+        keep, reduce = site.plan(n, state, training)
+        n_out = site.reducer.output_count(n, keep) if reduce else n
+        out.append((site, n, keep, n_out))
+        n = n_out
     return out
 
 
 def expected_patch_tokens(model: nn.Module, training: bool = True) -> list[int]:
-    """Patch tokens after each site for the current epoch (plain ints, no forward pass). Radial scores
-    keep whole rings, so their real count can differ slightly; see :func:`last_reduction`."""
+    """Patch tokens leaving each site for the current epoch (plain ints, no forward pass). Radial scores
+    keep whole rings and sampling methods keep fewer, so the real count can differ; see
+    :func:`last_reduction`."""
     reg = _registry(model)
-    return [] if reg is None else [keep for _, _, keep in _plan(reg, training)]
+    return [] if reg is None else [n_out for *_, n_out in _plan(reg, training)]
+
+
+def site_token_counts(model: nn.Module, training: bool = True) -> list[tuple[int, str, int]]:
+    """``(block, position, patch tokens leaving)`` per site at the current epoch (for MAC counting)."""
+    reg = _registry(model)
+    return [] if reg is None else [(s.block, s.position, n_out) for s, _, _, n_out in _plan(reg, training)]
 
 
 def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -170,7 +233,7 @@ def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     base = _unwrap(model)
     reg = _registry(base)
     plan = _plan(reg, training=True) if reg else []
-    grad_sites = [s for s, n, keep in plan if s.reducer.needs_gradient and s.is_active(True) and (keep < n or s.always_reduce)]
+    grad_sites = [s for s, n, keep, _ in plan if "gradient" in s.reducer.needs and s.is_active(True) and (keep < n or s.always_reduce)]
     if not grad_sites:
         return False
     was_training = base.training

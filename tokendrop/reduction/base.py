@@ -1,4 +1,4 @@
-"""The reducer interface: which tokens survive one reduction step."""
+"""The reducer interface: which tokens survive one reduction step, and what a site hands a reducer."""
 
 from __future__ import annotations
 
@@ -9,28 +9,76 @@ from torch import nn
 
 from .state import TokenState
 
+#: What a reducer may ask its site for (``Reducer.needs``). Each is computed only when some site asks,
+#: and none keeps the ``T × T`` attention matrix:
+#:
+#: * ``cls_attention`` — (B, N) the CLS row of the block's attention over the patch tokens, mean over
+#:   heads, detached (Top-K, EViT's ranking);
+#: * ``cls_attention_grad`` — the same row with gradient (EViT's fused token);
+#: * ``cls_attention_heads`` — (B, H, N) the CLS row per head, detached (ATS);
+#: * ``value_norms`` — (B, H, N) ‖v‖₂ of every patch token per head (ATS);
+#: * ``keys`` — (B, N, D) the block's keys of the patch tokens, mean over heads (ToMe's metric);
+#: * ``prev_attention_colsum`` — (B, N) attention each patch token received in the *previous* block,
+#:   summed over heads and queries (K-Medoids); computed there in query chunks;
+#: * ``gradient`` — (B, N) gradient saliency from :func:`tokendrop.prepare_step`.
+#:
+#: The attention-derived inputs exist only at ``position="inside"`` (after the block's attention), except
+#: ``prev_attention_colsum``, which is only meaningful ``before`` a block.
+SITE_INPUTS = ("cls_attention", "cls_attention_grad", "cls_attention_heads", "value_norms", "keys",
+               "prev_attention_colsum", "gradient")
+ATTENTION_INPUTS = frozenset({"cls_attention", "cls_attention_grad", "cls_attention_heads", "value_norms", "keys"})
+
 
 @dataclass
 class SiteInputs:
-    """Everything a site can hand a reducer; a reducer declares what it needs with its flags."""
+    """What a site hands its reducer: the token state, where it is, and the inputs it declared."""
 
     state: TokenState
-    cls_attention: torch.Tensor | None = None  # (B, N) CLS row over the current patch tokens
-    gradient: torch.Tensor | None = None  # (B, P) gradient saliency per original patch
+    block: int = 0
+    training: bool = False
+    cls_attention: torch.Tensor | None = None
+    cls_attention_grad: torch.Tensor | None = None
+    cls_attention_heads: torch.Tensor | None = None
+    value_norms: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    prev_attention_colsum: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class SiteFacts:
+    """What a per-site factory receives to build a reducer whose shapes depend on the site."""
+
+    block: int  # 0-based block index
+    dim: int  # token width C
+    num_heads: int
+    tokens_in: int  # patch tokens entering the site (at the schedule's epoch when attached)
+    keep: int  # target keep count there and then
 
 
 class Reducer(nn.Module):
     """Base class. ``forward(x, keep, inputs)`` takes tokens ``(B, prefix+N, C)`` and a target count of
-    patch tokens ``keep`` and returns the reduced tokens, updating ``inputs.state`` (provenance, sizes).
+    patch tokens ``keep`` and returns the reduced tokens, changing ``inputs.state`` only through
+    ``select`` / ``replace`` / ``merge`` (so provenance, sizes and masks stay right).
 
-    Flags tell the site what to compute: ``needs_cls_attention`` (the CLS attention row of the block,
-    only available inside a block) and ``needs_gradient`` (gradient saliency from
-    :func:`tokendrop.prepare_step`). Learned reducers own parameters (saved under the site's name) and
-    may expose ``aux_loss`` after a forward for the training loop to add.
+    Class attributes a method sets:
+
+    * ``needs`` — the names from :data:`SITE_INPUTS` the site must compute for it;
+    * ``default_position`` — ``"inside"`` (between the attention residual and the MLP) or ``"before"``
+      the block, used when ``attach(..., position=None)``;
+    * :meth:`output_count` — patch tokens it returns for ``keep`` (an upper bound where counts vary).
+
+    Learned reducers own parameters (saved under ``blocks.{i}.token_site.reducer.*``) and may leave an
+    auxiliary loss in ``self.aux_loss`` during a forward for the training loop (:func:`tokendrop.aux_loss`).
     """
 
-    needs_cls_attention: bool = False
-    needs_gradient: bool = False
+    needs: frozenset[str] = frozenset()
+    default_position: str = "inside"
+    aux_loss: torch.Tensor | None = None
+
+    def output_count(self, n_in: int, keep: int) -> int:
+        """Patch tokens leaving the site when ``keep`` of ``n_in`` are asked for (default: ``keep``)."""
+        return keep
 
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -1,9 +1,10 @@
-"""A reduction site: a (reducer, schedule) placed in one transformer block, and the block forward that
-runs it.
+"""Reduction sites and the block forward that carries one token state through the whole model.
 
-Blocks are patched in place by swapping their class for a subclass with :meth:`ReducingBlock.forward`
-(the weights stay where they are); the site is registered as the block's submodule ``token_site`` so a
-learned reducer's parameters are saved as ``blocks.{i}.token_site.reducer.*``.
+Once a model has a site, *every* block is patched in place by swapping its class for a subclass with
+:meth:`ReducingBlock.forward` (weights stay where they are), so merged-token sizes, key masks and soft
+policies reach every later block. A block without a site whose state is still trivial runs the original
+timm forward unchanged (the fast path). A site is registered as its block's submodule ``token_site``, so
+a learned reducer's parameters are saved as ``blocks.{i}.token_site.reducer.*``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..models.attention import attend
-from .base import Reducer, SiteInputs
+from .base import ATTENTION_INPUTS, Reducer, SiteInputs
 from .schedules import Schedule, keep_count, truncate
 from .state import SiteRecord, TokenState
 
@@ -23,29 +24,51 @@ Position = Literal["inside", "before"]
 
 
 class Registry:
-    """Plain-Python bookkeeping shared by the sites of one model (not a module: it holds no weights)."""
+    """Plain-Python bookkeeping shared by the blocks of one model (not a module: it holds no weights)."""
 
     def __init__(self, num_prefix: int, grid: tuple[int, int]) -> None:
         self.num_prefix = num_prefix
         self.grid = grid
         self.sites: list[Site] = []  # sorted by block index
+        self.site_at: dict[int, Site] = {}
         self.state = TokenState(num_prefix, grid)
         self.suspended = False  # full-token pass (gradient saliency)
 
+    def add(self, site: Site) -> None:
+        """Register ``site`` (one per block)."""
+        self.sites.append(site)
+        self.sites.sort(key=lambda s: s.block)
+        self.site_at[site.block] = site
+
+    def remove(self, site: Site) -> None:
+        """Unregister ``site``."""
+        self.sites.remove(site)
+        del self.site_at[site.block]
+
     def begin(self) -> None:
-        """Start the bookkeeping of a new forward pass."""
+        """Start the bookkeeping of a new forward pass (called by the model's first block)."""
         self.state = TokenState(self.num_prefix, self.grid)
+
+    def wants_colsum(self, block: int, training: bool) -> bool:
+        """Whether block ``block`` must leave its attention column sums for the next block's site."""
+        nxt = self.site_at.get(block + 1)
+        return nxt is not None and "prev_attention_colsum" in nxt.reducer.needs and nxt.is_active(training)
+
+
+def _patch_slice(name: str, value: torch.Tensor, prefix: int) -> torch.Tensor:
+    """The patch-token part of an attention extra (token axis last for per-head ones, else axis 1)."""
+    return value[..., prefix:] if name in ("cls_attention_heads", "value_norms") else value[:, prefix:]
 
 
 class Site(nn.Module):
     """One reduction step: ``reducer`` applied in block ``block`` with ``schedule`` giving the drop ratio.
 
     ``when``: active in training only (PTD/CTD), at evaluation only (post-hoc pruning) or always.
-    ``position``: ``inside`` the block between the attention residual and the MLP (seeds 000/001, Top-K,
-    EViT, ToMe) or ``before`` the block. ``relative_to``: keep count over the patch tokens entering the
-    site, or over the original patches (``int(P·∏(1−d))``, seed 004's protocol).
-    ``always_reduce``: run the reducer even when it keeps every token (measures the saliency overhead;
-    the reference skips it at d = 0).
+    ``position``: ``inside`` the block between the attention residual and the MLP (PTD, Top-K, EViT, ToMe)
+    or ``before`` the block (clustering methods, radial patterns). ``relative_to``: keep count over the
+    patch tokens entering the site, or over the original patches (``int(P·∏(1−d))``, the protocol of
+    "Which Tokens to Use?"). ``always_reduce``: run the reducer even when it keeps every token (measures
+    the saliency overhead; the reference skips it at d = 0).
     """
 
     def __init__(self, block: int, reducer: Reducer, schedule: Schedule, registry: Registry, when: When = "train",
@@ -87,51 +110,76 @@ class Site(nn.Module):
             return min(n_entering, max(1, truncate(state.num_patches * state.keep_fraction)))
         return keep_count(n_entering, d)
 
-    def reduce(self, x: torch.Tensor, keep: int, state: TokenState, cls_attention: torch.Tensor | None) -> torch.Tensor:
-        """Apply the reducer and record what it kept."""
-        n_in = x.shape[1] - state.num_prefix
-        if self.reducer.needs_gradient:
+    def plan(self, n_in: int, state: TokenState, training: bool) -> tuple[int, bool]:
+        """``(keep, reduce)`` for ``n_in`` entering patch tokens: the target count and whether to run."""
+        if not self.is_active(training):
+            return n_in, False
+        keep = self.target_keep(n_in, state)
+        return keep, keep < n_in or self.always_reduce
+
+    def reduce(self, x: torch.Tensor, keep: int, state: TokenState, extras: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hand the reducer the inputs it declared, apply it and record what it did."""
+        p = state.num_prefix
+        n_in = x.shape[1] - p
+        needs = self.reducer.needs
+        given = {name: _patch_slice(name, value, p) for name, value in extras.items() if name in needs}
+        if "prev_attention_colsum" in needs:
+            colsum = state.prev_attention_colsum
+            if colsum is None or colsum.shape[1] != x.shape[1]:
+                raise RuntimeError(f"block {self.block}: the previous block's attention column sums do not match "
+                                   "the tokens here (another site reduced in between)")
+            given["prev_attention_colsum"] = colsum[:, p:]
+        if "gradient" in needs:
             if self.gradient is None:
                 raise RuntimeError(f"block {self.block}: gradient saliency missing — call "
                                    "tokendrop.prepare_step(model, images, targets, loss_fn) before each training forward")
-            gradient, self.gradient = self.gradient, None
-        else:
-            gradient = None
-        out = self.reducer(x, keep, SiteInputs(state, cls_attention, gradient))
-        state.records.append(SiteRecord(self.block, self.position, n_in, out.shape[1] - state.num_prefix, state.source))
+            gradient, self.gradient = self.gradient.to(x.device), None
+            given["gradient"] = torch.gather(gradient, 1, state.current_source(x).clamp_min(0))
+        out = self.reducer(x, keep, SiteInputs(state, self.block, self.training, **given))
+        mask = state.patch_mask()
+        state.records.append(SiteRecord(
+            self.block, self.position, n_in, out.shape[1] - p, state.current_source(out), state.current_assignment(out),
+            kept_per_image=None if mask is None else mask.sum(dim=1),
+            size=None if state.size is None else state.size[:, p:]))
         return out
 
 
 class ReducingBlock:
-    """Mixin placed before a timm ``Block`` class: the same computation, with the site's reduction."""
+    """Mixin placed before a timm ``Block`` class: the same computation, carrying the model's token state
+    and running the block's site, if it has one."""
 
-    token_site: Site
+    token_block: int  # block index (a plain attribute)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        site = self.token_site
-        registry = site.registry
-        if registry.sites[0] is site:
+        registry: Registry = self.__dict__["token_registry"]
+        index = self.token_block
+        if index == 0:
             registry.begin()
         state = registry.state
+        site = registry.site_at.get(index)
+        colsum = registry.wants_colsum(index, self.training)
+        if site is None and state.trivial and not colsum:
+            return self._original_class.forward(self, x, attn_mask, is_causal)
         if attn_mask is not None or is_causal:
             raise NotImplementedError("token reduction does not support attention masks from the caller")
-        n_in = x.shape[1] - state.num_prefix
-        keep = n_in
-        active = site.is_active(self.training)
-        if active:
-            keep = site.target_keep(n_in, state)
-        reduce = active and (keep < n_in or site.always_reduce)
-        if site.capture and site.position == "before":
+        keep, reduce = site.plan(x.shape[1] - state.num_prefix, state, self.training) if site else (0, False)
+        position = site.position if site else None
+        if site is not None and site.capture and position == "before":
             site.captured = x
-        if reduce and site.position == "before":
-            x = site.reduce(x, keep, state, None)
-        need_cls = reduce and site.position == "inside" and site.reducer.needs_cls_attention
-        attn_out, cls_row = attend(self.attn, self.norm1(x), state.attention_bias(), cls_row=need_cls)
+        if reduce and position == "before":
+            x = site.reduce(x, keep, state, {})
+        needs = set(site.reducer.needs & ATTENTION_INPUTS) if reduce and position == "inside" else set()
+        if colsum:
+            needs.add("attention_colsum")
+        y = self.norm1(x)
+        attn_out, extras = attend(self.attn, y, state.attention_bias(), state.policy, state.key_mask, needs)
+        if colsum:
+            state.prev_attention_colsum = extras.pop("attention_colsum")
         x = x + self.drop_path1(self.ls1(attn_out))
-        if site.capture and site.position == "inside":
+        if site is not None and site.capture and position == "inside":
             site.captured = x
-        if reduce and site.position == "inside":
-            x = site.reduce(x, keep, state, None if cls_row is None else cls_row[:, state.num_prefix:])
+        if reduce and position == "inside":
+            x = site.reduce(x, keep, state, extras)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 

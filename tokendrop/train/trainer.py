@@ -86,7 +86,7 @@ def build_token_drop(model: nn.Module, cfg: Config) -> None:
     """Attach the config's token-drop sites (active in training only)."""
     td = cfg.token_drop
     if td.enabled:
-        red.attach(model, red.TopK(td.score), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when="train",
+        red.attach(model, red.reducer("topk", score=td.score), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when="train",
                    relative_to=td.relative_to)
 
 

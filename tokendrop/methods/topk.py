@@ -1,20 +1,25 @@
-"""Top-K token pruning: keep the ``k`` patch tokens with the highest score (seeds 000/001, seed 004's Top-K
-and fixed radial patterns)."""
+"""Top-K token pruning: keep the ``k`` patch tokens with the highest score — Progressive / Curriculum Token
+Drop (CLS attention, gradient and random scores) and the Top-K and fixed radial patterns of "Which Tokens
+to Use?" (Haurum et al., 2023)."""
 
 from __future__ import annotations
 
 import torch
 
-from .base import Reducer, SiteInputs
+from ..reduction.base import Reducer, SiteInputs
+from ..reduction.registry import register_reducer
 from .scores import RADIAL, SCORES, ScoreContext, ring_keep_count, score_tokens
 
 
+@register_reducer("topk")
 class TopK(Reducer):
-    """Keep the top-``k`` patch tokens by ``score`` (see :mod:`tokendrop.reduction.scores`).
+    """Keep the top-``k`` patch tokens by ``score`` (see :mod:`tokendrop.methods.scores`).
 
-    Kept tokens come in descending score order (``torch.topk(sorted=True)``, as the seeds' reference and
-    seed 004's code). Radial scores keep whole distance rings (seed 004 §3.1.1), so the kept count can
-    differ slightly from ``k``; the ring count is chosen on the first sample and applied to all.
+    Kept tokens come in descending score order (``torch.topk(sorted=True)``, as the PTD reference and the
+    "Which Tokens to Use?" code). Radial scores keep whole distance rings, so the kept count can differ
+    slightly from ``k``; the ring count is chosen on the first sample and applied to all. Radial scores act
+    ``before`` the block by default (their mask already applies to that block's attention in the
+    reference); the others act ``inside``, between the attention residual and the MLP.
     """
 
     def __init__(self, score: str = "cls_attention") -> None:
@@ -22,8 +27,8 @@ class TopK(Reducer):
         if score not in SCORES:
             raise ValueError(f"score: unknown score {score!r} (allowed: {', '.join(SCORES)})")
         self.score = score
-        self.needs_cls_attention = score == "cls_attention"
-        self.needs_gradient = score == "gradient"
+        self.needs = frozenset({score} & {"cls_attention", "gradient"})
+        self.default_position = "before" if score in RADIAL else "inside"
 
     def extra_repr(self) -> str:
         return f"score={self.score!r}"

@@ -2,12 +2,12 @@
 
 Each score maps the site's context to a (B, N) tensor over the N current patch tokens:
 
-- ``cls_attention`` — seeds 000/001: attention the CLS token pays to each patch, mean over heads.
-- ``random`` — uniform noise (seed 001's random-dropping ablation).
-- ``gradient`` — seed 001's gradient ablation: ``s_i = ‖∂L/∂x_i ⊙ x_i‖₁`` over channels at the site,
-  from a full-token forward/backward on the same batch (see :func:`tokendrop.prepare_step`).
-- ``l1`` / ``l2`` / ``linf`` — seed 004 §3.1.1 fixed radial patterns: minus the ℓp distance of the
-  token's original patch to the image centre.
+- ``cls_attention`` — PTD / CTD: attention the CLS token pays to each patch, mean over heads.
+- ``random`` — uniform noise (CTD's random-dropping ablation).
+- ``gradient`` — CTD's gradient ablation: ``s_i = ‖∂L/∂x_i ⊙ x_i‖₁`` over channels at the site, from a
+  full-token forward/backward on the same batch (see :func:`tokendrop.prepare_step`).
+- ``l1`` / ``l2`` / ``linf`` — the fixed radial patterns of "Which Tokens to Use?" §3.1.1: minus the ℓp
+  distance of the token's original patch to the image centre.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ScoreContext:
     source: torch.Tensor  # (B, N) original patch index of each current patch token
     grid: tuple[int, int]
     cls_attention: torch.Tensor | None = None  # (B, N)
-    gradient: torch.Tensor | None = None  # (B, P) per original patch, from prepare_step
+    gradient: torch.Tensor | None = None  # (B, N) per current patch token, from prepare_step
 
 
 def centre_distance(grid: tuple[int, int], norm: str, device: torch.device | None = None) -> torch.Tensor:
@@ -61,7 +61,7 @@ def score_tokens(name: str, ctx: ScoreContext) -> torch.Tensor:
         if ctx.gradient is None:
             raise RuntimeError("gradient score: call tokendrop.prepare_step(model, images, targets, loss_fn) "
                                "before every training forward")
-        return torch.gather(ctx.gradient.to(ctx.x.device), 1, ctx.source)
+        return ctx.gradient
     if name in RADIAL:
         dist = centre_distance(ctx.grid, name, ctx.x.device)
         return -dist[ctx.source]
