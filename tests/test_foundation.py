@@ -273,3 +273,61 @@ def test_prev_attention_colsum_reaches_the_next_site():
         q, k, v = (y @ b1.attn.qkv.weight.T + b1.attn.qkv.bias).reshape(B, T, 3, 3, 16).permute(2, 0, 3, 1, 4)
         A = (q @ k.transpose(-1, -2) / 4.0).softmax(-1)
     torch.testing.assert_close(got["colsum"], A.sum(dim=(1, 2))[:, 1:], atol=1e-4, rtol=1e-5)
+
+
+def test_remove_schedule_removes_a_count():
+    model = small_vit()
+    td.attach(model, FirstK(), blocks=[1, 2, 3], schedule=td.Remove(5), when="always")
+    assert td.expected_patch_tokens(model) == [11, 6, 1]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert [r.kept for r in td.last_reduction(model).records] == [11, 6, 1]
+    decreasing = td.Remove([4, 2])
+    assert [decreasing.keep(16, e) for e in (0, 1, 7)] == [12, 14, 14]
+    with pytest.raises(ValueError, match="r: "):
+        td.Remove(-1)
+
+
+def test_size_bias_can_be_turned_off_and_begin_forward_runs_first():
+    model = small_vit()
+    calls = []
+
+    class NoBias(PairMerge):
+        def begin_forward(self, state, x, training):
+            calls.append((x.shape, training))
+            state.size_bias = False
+
+    td.attach(model, NoBias(), blocks=[3], schedule=td.Constant(0.5), when="always")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(images)
+        x = model._pos_embed(model.patch_embed(images))
+        for i, block in enumerate(model.blocks):
+            x, mlp = block_naive(block, x, torch.zeros(2, x.shape[1]))
+            if i == 3:
+                x = torch.cat([x[:, :1], 0.5 * (x[:, 1::2] + x[:, 2::2])], dim=1)
+            x = mlp(x)
+    torch.testing.assert_close(out, model.head(model.norm(x)[:, 0]), atol=1e-5, rtol=1e-5)
+    assert calls == [(torch.Size([2, 17, 48]), False)]
+
+
+def test_whole_attention_input():
+    model = small_vit()
+    got = {}
+
+    class Whole(FirstK):
+        needs = frozenset({"attention"})
+
+        def forward(self, x, keep, inputs):
+            got["A"] = inputs.attention
+            return super().forward(x, keep, inputs)
+
+    td.attach(model, Whole(), blocks=[0], schedule=td.Constant(0.5), when="always")
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(images)
+        x = model._pos_embed(model.patch_embed(images))
+        y = model.blocks[0].norm1(x)
+        a = model.blocks[0].attn
+        q, k, v = (y @ a.qkv.weight.T + a.qkv.bias).reshape(1, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(got["A"], (q @ k.transpose(-1, -2) / 4.0).softmax(-1), atol=1e-5, rtol=1e-5)

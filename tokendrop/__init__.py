@@ -16,7 +16,7 @@ from .methods import TopK
 from .models import BACKBONES, build_model
 from .reduction import (
     Constant, Cosine, Curriculum, Linear, Reducer, Schedule, SiteFacts, SiteInputs, Step, TokenState, attach, aux_loss,
-    detach, expected_patch_tokens, keep_count, last_reduction, make_schedule, prepare_step, reducer, register_reducer,
+    detach, expected_patch_tokens, keep_count, last_reduction, make_schedule, prepare_step, reducer, register_reducer, Remove,
     set_epoch, sites,
 )
 from .reduction.registry import reducer_names
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKBONES", "REDUCERS", "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "SiteFacts",
     "SiteInputs", "Step", "TokenState", "TopK", "attach", "aux_loss", "build_model", "detach", "expected_patch_tokens",
-    "keep_count", "last_reduction", "make_schedule", "prepare_step", "reducer", "register_reducer", "set_epoch", "sites",
+    "keep_count", "last_reduction", "make_schedule", "prepare_step", "reducer", "register_reducer", "Remove", "set_epoch", "sites",
 ]
 
 

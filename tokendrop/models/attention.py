@@ -34,7 +34,8 @@ def attend(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = Non
     ``needs`` names extra outputs, returned in a dict over all T tokens: ``cls_attention`` (B, T, mean over
     heads, detached, float32), ``cls_attention_grad`` (the same with gradient), ``cls_attention_heads``
     (B, H, T), ``value_norms`` (B, H, T), ``keys`` (B, T, D, mean over heads), ``attention_colsum`` (B, T:
-    attention received by each key, summed over heads and over the queries present in ``query_mask``).
+    attention received by each key, summed over heads and over the queries present in ``query_mask``),
+    ``attention`` (B, H, T, T: the whole matrix, float32 — only for methods that need it).
     The CLS row costs O(T·d); the column sums run in query chunks. All are taken before attention dropout.
     """
     B, T, C = x.shape
@@ -115,6 +116,8 @@ def _extras(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mas
             out["value_norms"] = v.float().norm(dim=-1)
         if "keys" in needs:
             out["keys"] = k.mean(dim=1)
+        if "attention" in needs:
+            out["attention"] = _softmax_rows(q, k, scale, mask, policy, torch.arange(q.shape[2], device=q.device))
         if "attention_colsum" in needs:
             out["attention_colsum"] = _attention_colsum(q, k, scale, mask, policy, query_mask)
     return out

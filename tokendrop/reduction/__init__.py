@@ -6,12 +6,12 @@ from .api import (attach, aux_loss, detach, expected_patch_tokens, last_reductio
                   site_token_counts, sites)
 from .base import SITE_INPUTS, Reducer, SiteFacts, SiteInputs
 from .registry import reducer, reducer_arguments, reducer_names, register_reducer
-from .schedules import Constant, Cosine, Curriculum, Linear, Schedule, Step, keep_count, make_schedule
+from .schedules import Constant, Cosine, Curriculum, Linear, Remove, Schedule, Step, keep_count, make_schedule
 from .state import SiteRecord, TokenState
 
 __all__ = [
     "SITE_INPUTS", "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "SiteFacts", "SiteInputs",
     "SiteRecord", "Step", "TokenState", "attach", "aux_loss", "detach", "expected_patch_tokens", "keep_count",
-    "last_reduction", "make_schedule", "prepare_step", "reducer", "reducer_arguments", "reducer_names",
+    "last_reduction", "make_schedule", "prepare_step", "reducer", "Remove", "reducer_arguments", "reducer_names",
     "register_reducer", "set_epoch", "site_token_counts", "sites",
 ]

@@ -20,13 +20,16 @@ from .state import TokenState
 #: * ``keys`` — (B, N, D) the block's keys of the patch tokens, mean over heads (ToMe's metric);
 #: * ``prev_attention_colsum`` — (B, N) attention each patch token received in the *previous* block,
 #:   summed over heads and queries (K-Medoids); computed there in query chunks;
+#: * ``attention`` — (B, H, T, T) the block's whole attention, prefix tokens included: the one input that
+#:   materialises the matrix, for methods that walk the attention graph (Zero-TP's weighted PageRank);
 #: * ``gradient`` — (B, N) gradient saliency from :func:`tokendrop.prepare_step`.
 #:
 #: The attention-derived inputs exist only at ``position="inside"`` (after the block's attention), except
 #: ``prev_attention_colsum``, which is only meaningful ``before`` a block.
 SITE_INPUTS = ("cls_attention", "cls_attention_grad", "cls_attention_heads", "value_norms", "keys",
-               "prev_attention_colsum", "gradient")
-ATTENTION_INPUTS = frozenset({"cls_attention", "cls_attention_grad", "cls_attention_heads", "value_norms", "keys"})
+               "prev_attention_colsum", "attention", "gradient")
+ATTENTION_INPUTS = frozenset({"cls_attention", "cls_attention_grad", "cls_attention_heads", "value_norms", "keys",
+                              "attention"})
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SiteInputs:
     value_norms: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     prev_attention_colsum: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
     gradient: torch.Tensor | None = None
 
 
@@ -66,7 +70,8 @@ class Reducer(nn.Module):
     * ``needs`` — the names from :data:`SITE_INPUTS` the site must compute for it;
     * ``default_position`` — ``"inside"`` (between the attention residual and the MLP) or ``"before"``
       the block, used when ``attach(..., position=None)``;
-    * :meth:`output_count` — patch tokens it returns for ``keep`` (an upper bound where counts vary).
+    * :meth:`output_count` — patch tokens it returns for ``keep`` (an upper bound where counts vary);
+    * :meth:`begin_forward` — optional, to set up the token state before block 0.
 
     Learned reducers own parameters (saved under ``blocks.{i}.token_site.reducer.*``) and may leave an
     auxiliary loss in ``self.aux_loss`` during a forward for the training loop (:func:`tokendrop.aux_loss`).
@@ -75,6 +80,10 @@ class Reducer(nn.Module):
     needs: frozenset[str] = frozenset()
     default_position: str = "inside"
     aux_loss: torch.Tensor | None = None
+
+    def begin_forward(self, state: TokenState, x: torch.Tensor, training: bool) -> None:
+        """Called by the model's first block at the start of every forward in which this reducer's site is
+        active, with the tokens entering block 0 (e.g. to start a soft policy that every block honours)."""
 
     def output_count(self, n_in: int, keep: int) -> int:
         """Patch tokens leaving the site when ``keep`` of ``n_in`` are asked for (default: ``keep``)."""

@@ -32,6 +32,15 @@ class Schedule:
     def __call__(self, epoch: float) -> float:
         raise NotImplementedError
 
+    def keep(self, n: int, epoch: float) -> int:
+        """Tokens kept of ``n`` entering at ``epoch`` (default: :func:`keep_count` at the drop ratio)."""
+        return keep_count(n, self(epoch))
+
+    def fraction_kept(self, n: int, epoch: float) -> float:
+        """The exact fraction kept of ``n`` at ``epoch`` (default ``1 − d``; it compounds across sites for
+        ``relative_to="original"``)."""
+        return 1.0 - self(epoch)
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
@@ -47,6 +56,33 @@ class Constant(Schedule):
 
     def __call__(self, epoch: float) -> float:
         return 1.0 - self.keep_rate
+
+
+class Remove(Schedule):
+    """Remove exactly ``r`` patch tokens at every site (ToMe's ``r``), never more than all but one; a
+    method may cap it further (ToMe merges at most half). ``r`` may be a list, one entry per epoch
+    (ToMe's decreasing schedules), the last entry holding after it."""
+
+    def __init__(self, r: int | list[int]) -> None:
+        values = list(r) if isinstance(r, (list, tuple)) else [r]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise ValueError(f"r: {r!r} must be a whole number >= 0 (or a non-empty list of them)")
+        self.r = r
+
+    def removed(self, epoch: float) -> int:
+        """Tokens removed per site at ``epoch``."""
+        values = self.r if isinstance(self.r, (list, tuple)) else [self.r]
+        return values[min(int(epoch), len(values) - 1)]
+
+    def keep(self, n: int, epoch: float) -> int:
+        return max(1, n - self.removed(epoch))
+
+    def fraction_kept(self, n: int, epoch: float) -> float:
+        return self.keep(n, epoch) / n
+
+    def __call__(self, epoch: float) -> float:
+        """Not defined without a token count (``keep`` is): the drop ratio differs per site."""
+        raise TypeError("Remove(r) removes a count, not a ratio; sites call schedule.keep(n, epoch)")
 
 
 class Ramp(Schedule):

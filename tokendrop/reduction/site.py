@@ -16,7 +16,7 @@ from torch import nn
 
 from ..models.attention import attend
 from .base import ATTENTION_INPUTS, Reducer, SiteInputs
-from .schedules import Schedule, keep_count, truncate
+from .schedules import Schedule, truncate
 from .state import SiteRecord, TokenState
 
 When = Literal["train", "eval", "always"]
@@ -45,9 +45,12 @@ class Registry:
         self.sites.remove(site)
         del self.site_at[site.block]
 
-    def begin(self) -> None:
-        """Start the bookkeeping of a new forward pass (called by the model's first block)."""
+    def begin(self, x: torch.Tensor, training: bool) -> None:
+        """Start the bookkeeping of a new forward pass (called by the model's first block with its input)."""
         self.state = TokenState(self.num_prefix, self.grid)
+        for site in self.sites:
+            if site.is_active(training):
+                site.reducer.begin_forward(self.state, x, training)
 
     def wants_colsum(self, block: int, training: bool) -> bool:
         """Whether block ``block`` must leave its attention column sums for the next block's site."""
@@ -57,6 +60,8 @@ class Registry:
 
 def _patch_slice(name: str, value: torch.Tensor, prefix: int) -> torch.Tensor:
     """The patch-token part of an attention extra (token axis last for per-head ones, else axis 1)."""
+    if name == "attention":
+        return value  # the whole (B, H, T, T) matrix, prefix rows and columns included
     return value[..., prefix:] if name in ("cls_attention_heads", "value_norms") else value[:, prefix:]
 
 
@@ -93,8 +98,8 @@ class Site(nn.Module):
 
     @property
     def drop_ratio(self) -> float:
-        """Drop ratio at the current epoch."""
-        return self.schedule(self.epoch)
+        """Drop ratio at the current epoch (for a count schedule: of the original patches)."""
+        return 1.0 - self.schedule.fraction_kept(self.registry.state.num_patches, self.epoch)
 
     def is_active(self, training: bool) -> bool:
         """Whether the site reduces in the current mode."""
@@ -104,11 +109,11 @@ class Site(nn.Module):
 
     def target_keep(self, n_entering: int, state: TokenState) -> int:
         """Patch tokens to keep (plain int) given ``n_entering`` patch tokens; advances ``state.keep_fraction``."""
-        d = self.drop_ratio
-        state.keep_fraction *= 1.0 - d
+        keep = self.schedule.keep(n_entering, self.epoch)
+        state.keep_fraction *= self.schedule.fraction_kept(n_entering, self.epoch)
         if self.relative_to == "original":
             return min(n_entering, max(1, truncate(state.num_patches * state.keep_fraction)))
-        return keep_count(n_entering, d)
+        return keep
 
     def plan(self, n_in: int, state: TokenState, training: bool) -> tuple[int, bool]:
         """``(keep, reduce)`` for ``n_in`` entering patch tokens: the target count and whether to run."""
@@ -154,7 +159,7 @@ class ReducingBlock:
         registry: Registry = self.__dict__["token_registry"]
         index = self.token_block
         if index == 0:
-            registry.begin()
+            registry.begin(x, self.training)
         state = registry.state
         site = registry.site_at.get(index)
         colsum = registry.wants_colsum(index, self.training)

@@ -8,7 +8,8 @@ sequence ``(B, prefix + N, C)``:
 * ``assignment[b, p]`` — for every original patch ``p``, the current patch token carrying it, or −1 when
   it was pruned (the full patch → token map; merges carry every patch somewhere);
 * ``size[b, t]`` — how many original tokens token ``t`` stands for (prefix included; ``None`` = all 1).
-  When set, attention adds ``log(size)`` to each key's logits (ToMe's proportional attention);
+  When set and ``size_bias`` is on (the default; a merging method may turn it off), attention adds
+  ``log(size)`` to each key's logits (ToMe's proportional attention);
 * ``key_mask[b, t]`` — ``True`` where token ``t`` is present. Absent tokens (padding for per-image counts,
   masked patterns) are ignored as keys by every later attention; ``None`` = all present;
 * ``policy[b, t]`` — a soft, differentiable keep decision in [0, 1] (DynamicViT in training): attention
@@ -50,6 +51,7 @@ class TokenState:
     size: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
     policy: torch.Tensor | None = None
+    size_bias: bool = True  # add log(size) to the attention logits (proportional attention) once sizes exist
     keep_fraction: float = 1.0  # product of (1 − d) over the sites passed; for relative_to="original"
     prev_attention_colsum: torch.Tensor | None = None  # (B, T) of the last block that was asked for it
     records: list[SiteRecord] = field(default_factory=list)
@@ -62,7 +64,7 @@ class TokenState:
     @property
     def trivial(self) -> bool:
         """True while attention needs nothing from the state (no sizes, masks or policy)."""
-        return self.size is None and self.key_mask is None and self.policy is None
+        return (self.size is None or not self.size_bias) and self.key_mask is None and self.policy is None
 
     # ----------------------------------------------------------------------------------- views
     def current_source(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,10 +87,11 @@ class TokenState:
     def attention_bias(self, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Additive per-key logit bias (B, T) in ``dtype``: ``log(size)``, and the most negative finite value
         at absent keys (finite, so a row with every key absent stays a uniform row, never NaN)."""
-        if self.size is None and self.key_mask is None:
+        size = self.size if self.size_bias else None
+        if size is None and self.key_mask is None:
             return None
-        ref = self.size if self.size is not None else self.key_mask
-        bias = self.size.log().to(dtype) if self.size is not None else torch.zeros(ref.shape, dtype=dtype, device=ref.device)
+        ref = size if size is not None else self.key_mask
+        bias = size.log().to(dtype) if size is not None else torch.zeros(ref.shape, dtype=dtype, device=ref.device)
         if self.key_mask is not None:
             bias = bias.masked_fill(~self.key_mask, torch.finfo(dtype).min)
         return bias
