@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,130 @@ def test_loader_workers_deterministic():
         out.append(torch.cat([x for x, _ in tl]))
         del tl, vl
     assert torch.equal(out[0], out[1])
+
+
+# ------------------------------------------------------------------------------------- own images
+def _image_folder(root, size=(50, 40)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("model, img_size, side", [
+    ("hybrid_vit_tiny", 0, 32),          # our hybrids are built for 32 px
+    ("hybrid_vit_ptd", 0, 32),
+    ("deit_tiny_patch16_224", 0, 224),   # a timm model: its pretrained input size
+    ("vit_base_patch16_384", 0, 384),
+    ("hybrid_vit_tiny", 48, 48),         # data.img_size wins
+])
+def test_imagefolder_native_side_is_the_models(tmp_path, model, img_size, side):
+    root = _image_folder(tmp_path / "pets")
+    train, val, info = D.build_datasets(DataConfig(dataset="imagefolder", root=str(root), img_size=img_size), NO_AUG, 0,
+                                        model)
+    assert info.img_size == (side if img_size == 0 else 32)  # the native side; data.img_size overrides it
+    assert train[0][0].shape == val[0][0].shape == (3, side, side)
+    assert info.num_classes == 2 and info.source == str(root.resolve())
+    # the other data sets keep their own native side whatever the model
+    assert D.dataset_info("fashion-mnist", model).img_size == 28 and D.dataset_info("cifar100", model).img_size == 32
+
+
+def test_many_tokens_notice(capsys):
+    from tokendrop.train.config import load_config
+    from tokendrop.train.trainer import MANY_TOKENS, build_run_model
+
+    cfg = load_config("fashion_mnist_baseline")  # hybrid_vit_tiny: stem stride 4
+    model = build_run_model(cfg, 10, 3, 224)
+    err = capsys.readouterr().err.strip().splitlines()
+    tokens = (224 // 4) ** 2
+    assert tokens > MANY_TOKENS and model.patch_embed.num_patches == tokens
+    assert len(err) == 1 and f"{tokens} tokens per image at 224 px" in err[0]
+    assert "--set data.img_size=N (e.g. 32: about 64 tokens)" in err[0]
+    build_run_model(cfg, 10, 3, 128)  # (128 / 4)² = 1024: not more than the limit
+    build_run_model(cfg, 10, 3, 32)
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------- where, and no writes
+@needs_fmnist
+def test_source_says_which_directory(tmp_path):
+    _, _, info = D.build_datasets(DataConfig(dataset="fashion-mnist", root=str(tmp_path / "nonexistent")), NO_AUG, 0)
+    assert info.source == str(D.FASHION_MNIST_SYSTEM_DIR)
+    assert D.build_datasets(DataConfig(dataset="digits"), NO_AUG, 0)[2].source == "scikit-learn's bundled digits"
+
+
+def _offline(monkeypatch):
+    """torchvision's downloader fails as offline, after it has created the root (no network touched)."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", refuse)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", refuse)
+
+
+@pytest.mark.parametrize("download", [False, True])
+@pytest.mark.parametrize("nested", ["data", "a/b/data"])
+def test_failed_cifar_load_leaves_no_directory(tmp_path, monkeypatch, download, nested):
+    _offline(monkeypatch)
+    root = tmp_path / "work" / nested
+    (tmp_path / "work").mkdir()
+    with pytest.raises(D.DatasetNotFoundError):
+        D.build_datasets(DataConfig(dataset="cifar100", root=str(root), download=download), NO_AUG, 0)
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_failed_cifar_load_keeps_an_existing_root(tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mine.txt").write_text("keep me")
+    with pytest.raises(D.DatasetNotFoundError):
+        D.build_datasets(DataConfig(dataset="cifar10", root=str(root), download=True), NO_AUG, 0)
+    assert sorted(p.name for p in root.iterdir()) == ["mine.txt"]
+
+
+@pytest.mark.parametrize("download", ["false", "true"])
+def test_failed_train_and_eval_write_nothing(tmp_path, monkeypatch, capsys, download):
+    from tokendrop.cli import main
+    from tokendrop.train.checkpoint import save_atomic
+    from tokendrop.train.config import load_config
+
+    _offline(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nonexistent" / "cifar"
+    common = ["--set", f"data.root={missing}", "--set", f"data.download={download}"]
+    assert main(["train", "--config", "cifar100_baseline", "--out", "run", *common]) == 1
+    assert "CIFAR-100 not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    ckpt = tmp_path / "ckpt" / "best.pt"
+    save_atomic({"model": {}, "config": load_config("cifar100_baseline").to_dict(), "epoch": 0}, ckpt)
+    assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", *common]) == 1
+    assert "CIFAR-100 not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # the default root, relative to the working directory ("data"), is not created either
+    assert main(["eval", "--checkpoint", str(ckpt), "--device", "cpu", "--set", f"data.download={download}"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@needs_fmnist
+def test_train_prints_the_data_directory(tmp_path, capsys):
+    """The report's case: data.root does not exist, so Fashion-MNIST comes from the system copy — and says so."""
+    from tokendrop.cli import main
+
+    args = ["train", "--config", "fashion_mnist_baseline", "--out", str(tmp_path / "run"), "--no-progress",
+            "--device", "cpu"]
+    for item in ("data.root=/nonexistent/path", "optim.epochs=1", "data.train_subset=64", "data.val_subset=64",
+                 "data.workers=0", "optim.batch_size=32", "ema.enabled=false"):
+        args += ["--set", item]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"data: fashion-mnist from {D.FASHION_MNIST_SYSTEM_DIR}" in err
+    assert not Path("/nonexistent/path").exists()

@@ -76,6 +76,31 @@ def test_plot_run_writes_pngs(tmp_path, ema, drawn):
     assert drawn["lr.png"] == ["learning rate"]
 
 
+def test_kept_token_ticks_are_integers(tmp_path, monkeypatch):
+    """A narrow range of token counts (47 to 48) would get ticks 47.2, 47.4, … by default."""
+    from matplotlib.figure import Figure
+
+    run = write_run(tmp_path / "narrow", epochs=4)
+    text = (run / "metrics.csv").read_text().splitlines()
+    rows = [r.split(",") for r in text[1:]]
+    for i, r in enumerate(rows):
+        r[9] = str(48 - i % 2)  # kept_tokens
+    (run / "metrics.csv").write_text("\n".join([text[0]] + [",".join(r) for r in rows]) + "\n")
+    ticks: dict[str, list[float]] = {}
+    save = Figure.savefig
+
+    def spy(fig, fname, *args, **kwargs):
+        out = save(fig, fname, *args, **kwargs)
+        ticks[Path(fname).name] = [t for t in fig.axes[-1].get_yticks()
+                                   if fig.axes[-1].get_ylim()[0] <= t <= fig.axes[-1].get_ylim()[1]]
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plots.plot_run(run)
+    kept = ticks["drop_ratio.png"]
+    assert len(kept) >= 2 and all(float(t).is_integer() for t in kept), kept
+
+
 def test_plot_run_single_epoch(tmp_path):
     paths = plots.plot_run(write_run(tmp_path / "one", epochs=1))
     assert len(paths) == 5

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+from tokendrop.papers import PAPERS
 from tokendrop.train.config import config_reference
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
@@ -19,3 +20,10 @@ def test_python_example_runs(capsys):
 def test_every_config_key_is_documented():
     for key, _, _ in config_reference():
         assert f"| `{key}` |" in README, key
+
+
+def test_readme_names_every_paper():
+    for p in PAPERS:
+        assert f"**{p.key}**" in README and p.title in README, p.key
+        assert not p.link or p.link.split(" (")[0] in README, p.key
+    assert "seed 0" not in README.lower()

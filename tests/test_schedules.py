@@ -67,3 +67,47 @@ def test_bad_constant_and_kind():
         td.Constant(0.0)
     with pytest.raises(ValueError, match="schedule: unknown"):
         td.make_schedule("exponential")
+
+
+@pytest.mark.parametrize("keep_rate", [0.7, 0.65, 0.5, 0.33])
+def test_constant_means_the_same_in_config_and_api(keep_rate):
+    """`schedule: constant` with token_drop.keep_rate keeps what td.Constant(keep_rate) keeps: through the
+    trainer's schedule builder and through a model with its sites attached from the config."""
+    from fractions import Fraction
+
+    from tokendrop.train.config import load_config
+    from tokendrop.train.trainer import build_run_model, token_drop_schedule
+
+    cfg = load_config("fashion_mnist_ptd", ["token_drop.schedule=constant", f"token_drop.keep_rate={keep_rate}",
+                                            "data.dataset=digits"])
+    from_config, from_api = token_drop_schedule(cfg), td.Constant(keep_rate)
+    expected = int(Fraction(str(keep_rate)) * 64)  # hybrid_vit_tiny at 32 px: 64 patch tokens
+    for epoch in (0, 3.5, 9):
+        assert td.keep_count(64, from_config(epoch)) == td.keep_count(64, from_api(epoch)) == expected
+    model = build_run_model(cfg, num_classes=10, in_chans=1, img_size=32)
+    api_model = td.build_model("hybrid_vit_tiny", num_classes=10, in_chans=1, img_size=32)
+    td.attach(api_model, td.TopK("cls_attention"), blocks=[0], schedule=from_api, when="train")
+    for m in (model, api_model):
+        td.set_epoch(m, 5)
+    assert td.expected_patch_tokens(model, training=True) == td.expected_patch_tokens(api_model, training=True) == [expected]
+
+
+def test_constant_schedule_does_not_read_final():
+    from tokendrop.train.config import ConfigError, load_config
+
+    # fashion_mnist_ptd sets token_drop.final: a constant schedule on it must say which key it reads
+    with pytest.raises(ConfigError) as e:
+        load_config("fashion_mnist_ptd", ["token_drop.schedule=constant"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("token_drop.final: ")
+    assert "token_drop.keep_rate=0.65" in msg and "0.35" in msg
+    with pytest.raises(ConfigError, match="keep_rate=0.8 for a drop ratio of 0.2"):
+        load_config("fashion_mnist_baseline", ["token_drop.schedule=constant", "token_drop.final=0.2"])
+    # no final given: the default keep rate; keep_rate given: final is simply not read
+    assert load_config("fashion_mnist_baseline", ["token_drop.schedule=constant"]).token_drop.keep_rate == 0.65
+    cfg = load_config("fashion_mnist_ptd", ["token_drop.schedule=constant", "token_drop.keep_rate=0.9"])
+    assert td.make_schedule("constant", keep_rate=cfg.token_drop.keep_rate, final=0.35)(0) == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"token_drop.keep_rate: 0.0 is outside the allowed range \(0.0, 1.0\]"):
+        load_config("fashion_mnist_ptd", ["token_drop.schedule=constant", "token_drop.keep_rate=0"])
+    with pytest.raises(ValueError, match="keep_rate: a constant schedule needs keep_rate"):
+        td.make_schedule("constant", final=0.35)

@@ -1,11 +1,18 @@
-"""Command line: ``tokendrop {train,eval,plot,demo,configs,bench}`` (also ``python -m tokendrop``)."""
+"""Command line: ``tokendrop {train,eval,plot,demo,configs,bench}`` (also ``python -m tokendrop``).
+
+Building the parser imports nothing heavy (no torch, timm or numpy), so ``--help`` and ``--version`` answer
+at once; each command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from ._version import __version__
 
 EXIT_USAGE = 2
 
@@ -16,12 +23,15 @@ def _error(msg: str, code: int = 1) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.config import ConfigError, load_config
+    from .train.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as e:
-        return _error(str(e), EXIT_USAGE)
+    overrides = list(args.set)
+    if args.device is not None:
+        from .device import pick_device
+
+        pick_device(args.device, key="--device")  # a bad device fails now, naming the flag
+        overrides.append(f"run.device={args.device}")
+    cfg = load_config(args.config, overrides)
     from .train.trainer import train
 
     out = Path(args.out) if args.out else Path("runs") / cfg.name
@@ -55,10 +65,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_configs(args: argparse.Namespace) -> int:
+    from .papers import PAPERS
     from .train.config import load_config, shipped_configs
 
+    cited = set()
     for name in shipped_configs():
-        print(f"{name:<34} {load_config(name).reproduces}")
+        reproduces = load_config(name).reproduces
+        cited.update(p for p in PAPERS if reproduces.startswith(p.key))
+        print(f"{name:<34} {reproduces}")
+    print("\npapers:")
+    for paper in PAPERS:
+        if paper in cited:
+            print(f"  {paper.key}: {paper.citation()}")
     return 0
 
 
@@ -71,6 +89,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The ``tokendrop`` argument parser."""
     parser = argparse.ArgumentParser(prog="tokendrop", description="Train and run ViTs faster by reducing their tokens.")
+    parser.add_argument("--version", action="version", version=f"tokendrop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a config (shipped name or YAML path)")
@@ -79,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps; overrides run.device")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="validate a checkpoint (raw and EMA weights)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override e.g. data.root=DIR")
     p.set_defaults(func=_cmd_eval)
 
@@ -97,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, default=10000, help="training images (the full 10k test set is always used)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("configs", help="list the shipped configs and the seed result each reproduces")
+    p = sub.add_parser("configs", help="list the shipped configs, the published result each reproduces and its paper")
     p.set_defaults(func=_cmd_configs)
 
     from .bench.command import add_arguments
@@ -108,21 +128,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad arguments or config values)."""
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that end a command with a one-line message and exit code 1 (imported only once one is raised,
+    so that the parser stays light)."""
     from .train.checkpoint import CheckpointError
-    from .train.data import DatasetNotFoundError
     from .train.trainer import NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
+    return CheckpointError, NonFiniteLossError, FileNotFoundError  # FileNotFoundError: DatasetNotFoundError too
+
+
+def _run(argv: list[str] | None) -> int:
     try:
-        return args.func(args)
-    except (DatasetNotFoundError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
-        return _error(str(e))
-    except ValueError as e:
+        args = build_parser().parse_args(argv)
+    finally:
+        sys.stdout.flush()  # --help's text: a closed pipe fails here, inside main
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except ValueError as e:  # ConfigError and other bad values
         return _error(str(e), EXIT_USAGE)
     except KeyboardInterrupt:
         return _error("interrupted; `--resume` continues from the last complete epoch", 130)
+    except Exception as e:
+        if isinstance(e, BrokenPipeError) or not isinstance(e, _user_errors()):
+            raise
+        return _error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad arguments or config values)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (`tokendrop configs | head -1`): stop quietly. Python flushes stdout again at
+        # exit, so point it at /dev/null first (the recipe of the Python documentation, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable, TypeVar
 
@@ -24,13 +25,21 @@ def register_reducer(name: str) -> Callable[[R], R]:
     return decorate
 
 
+def _registered() -> dict[str, type[Reducer]]:
+    """The registry, with the shipped methods in it (importing :mod:`tokendrop.methods` registers them;
+    ``import tokendrop`` alone does not import it)."""
+    importlib.import_module("tokendrop.methods")
+    return _REDUCERS
+
+
 def reducer_names() -> tuple[str, ...]:
     """Names of every registered reducer, sorted."""
-    return tuple(sorted(_REDUCERS))
+    return tuple(sorted(_registered()))
 
 
 def reducer_class(name: str) -> type[Reducer]:
     """The class registered as ``name``; ``ValueError`` listing the names otherwise."""
+    _registered()
     try:
         return _REDUCERS[name]
     except KeyError:

@@ -1,7 +1,7 @@
 """Drop-ratio schedules: how many tokens a site removes as training progresses.
 
 A schedule maps the (possibly fractional) epoch ``t`` to a drop ratio ``d(t)`` in [0, 1). The keep
-count over ``n`` tokens is :func:`keep_count` — ``max(1, int(n·(1−d)))`` as the seeds' reference.
+count over ``n`` tokens is :func:`keep_count` — ``max(1, int(n·(1−d)))`` as the PTD/CTD reference code.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class Schedule:
 
 
 class Constant(Schedule):
-    """The same drop ratio ``1 − keep_rate`` at every epoch (post-hoc pruning, seed 004's keep rates)."""
+    """The same drop ratio ``1 − keep_rate`` at every epoch (post-hoc pruning, the keep rates of
+    "Which Tokens to Use?")."""
 
     def __init__(self, keep_rate: float) -> None:
         if not (isinstance(keep_rate, (int, float)) and 0.0 < keep_rate <= 1.0):
@@ -112,7 +113,7 @@ class Ramp(Schedule):
 
 
 class Curriculum(Ramp):
-    """Seed 000 §2.2 / seed 001: the polynomial curriculum ``shape(p) = p**gamma``.
+    """The polynomial curriculum ``shape(p) = p**gamma`` (PTD report §2.2, CTD README).
     PTD: ``Curriculum(40, 140, final=0.35, gamma=2.0)``; CTD: ``Curriculum(20, 160, final=0.35, gamma=1.5)``."""
 
     def __init__(self, start: float, end: float, initial: float = 0.0, final: float = 0.35, gamma: float = 2.0) -> None:
@@ -126,7 +127,7 @@ class Curriculum(Ramp):
 
 
 class Linear(Ramp):
-    """Linear ramp (the curriculum with gamma = 1), seed 001's schedule-shape ablation."""
+    """Linear ramp (the curriculum with gamma = 1), the CTD README's schedule-shape ablation."""
 
     def shape(self, progress: float) -> float:
         return progress
@@ -153,9 +154,10 @@ class Step(Ramp):
 
 
 def make_schedule(kind: str, *, start: float = 40, end: float = 140, initial: float = 0.0, final: float = 0.35,
-                  gamma: float = 2.0, steps: int = 4) -> Schedule:
+                  gamma: float = 2.0, steps: int = 4, keep_rate: float | None = None) -> Schedule:
     """Build a schedule by name (``curriculum``, ``linear``, ``cosine``, ``step``, ``constant``).
-    ``constant`` drops ``final`` throughout."""
+    The ramps go from drop ratio ``initial`` to ``final``; ``constant`` keeps the fraction ``keep_rate``
+    throughout (``Constant(keep_rate)``, a drop ratio of ``1 − keep_rate``) and reads nothing else."""
     if kind == "curriculum":
         return Curriculum(start, end, initial, final, gamma)
     if kind == "linear":
@@ -165,5 +167,7 @@ def make_schedule(kind: str, *, start: float = 40, end: float = 140, initial: fl
     if kind == "step":
         return Step(start, end, initial, final, steps)
     if kind == "constant":
-        return Constant(1.0 - _check_ratio("final", final))
+        if keep_rate is None:
+            raise ValueError("keep_rate: a constant schedule needs keep_rate (the fraction of tokens kept)")
+        return Constant(keep_rate)
     raise ValueError(f"schedule: unknown schedule {kind!r} (allowed: curriculum, linear, cosine, step, constant)")

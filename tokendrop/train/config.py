@@ -42,7 +42,7 @@ class DataConfig:
     dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder"), doc="data set")
     root: str = _f("data", doc="directory holding (or receiving) the data set files")
     download: bool = _f(True, doc="download CIFAR through torchvision when missing (needs the internet)")
-    img_size: int = _f(0, lo=0, doc="input side in pixels; 0 = the data set's native size (digits: 32)")
+    img_size: int = _f(0, lo=0, doc="input side in pixels; 0 = native: the data set's size (CIFAR 32, Fashion-MNIST 28, digits 32), for imagefolder the model's (32 for hybrid_vit_*, a timm model's pretrained input size)")
     train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
     val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
     workers: int = _f(2, lo=0, doc="DataLoader worker processes")
@@ -54,7 +54,7 @@ class AugmentConfig:
     hflip: bool = _f(True, doc="random horizontal flip")
     randaugment_ops: int = _f(2, lo=0, doc="RandAugment num_ops; 0 disables")
     randaugment_magnitude: int = _f(10, lo=0, hi=30, doc="RandAugment magnitude")
-    autoaugment: bool = _f(False, doc="AutoAugment with the CIFAR-10 policy (seed 001)")
+    autoaugment: bool = _f(False, doc="AutoAugment with the CIFAR-10 policy (the CTD recipe)")
     random_erasing: float = _f(0.0, lo=0.0, hi=1.0, doc="RandomErasing probability (random fill)")
     mixup_alpha: float = _f(0.0, lo=0.0, doc="Mixup beta-distribution alpha; 0 disables")
     cutmix_alpha: float = _f(0.0, lo=0.0, doc="CutMix beta-distribution alpha; 0 disables")
@@ -81,7 +81,7 @@ class OptimConfig:
 class EmaConfig:
     enabled: bool = _f(False, doc="keep an exponential moving average of the weights, validate it every epoch")
     decay: float = _f(0.9999, lo=0.0, hi=1.0, doc="EMA decay")
-    warmup: str = _f("torch_ema", choices=("torch_ema", "none"), doc="torch_ema: decay_n = min(decay, (1+n)/(10+n)), parameters only (the seeds); none: timm ModelEmaV3 with a constant decay (parameters and buffers)")
+    warmup: str = _f("torch_ema", choices=("torch_ema", "none"), doc="torch_ema: decay_n = min(decay, (1+n)/(10+n)), parameters only (the PTD/CTD notebooks); none: timm ModelEmaV3 with a constant decay (parameters and buffers)")
 
 
 @dataclass
@@ -93,7 +93,8 @@ class TokenDropConfig:
     start: float = _f(40.0, lo=0.0, doc="curriculum start epoch t_s")
     end: float = _f(140.0, lo=0.0, doc="curriculum end epoch t_e (> start)")
     initial: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="drop ratio before t_s")
-    final: float = _f(0.35, lo=0.0, hi=1.0, hi_open=True, doc="drop ratio from t_e on (constant schedule: the drop ratio)")
+    final: float = _f(0.35, lo=0.0, hi=1.0, hi_open=True, doc="drop ratio from t_e on (not read by the constant schedule)")
+    keep_rate: float = _f(0.65, lo=0.0, hi=1.0, lo_open=True, doc="constant schedule: the fraction of tokens kept, as td.Constant(keep_rate)")
     gamma: float = _f(2.0, lo=0.0, lo_open=True, doc="curriculum exponent")
     steps: int = _f(4, lo=1, doc="number of steps of the step schedule")
     relative_to: str = _f("entering", choices=("entering", "original"), doc="keep count over tokens entering the site or over the original patches")
@@ -112,7 +113,7 @@ class RunConfig:
 @dataclass
 class Config:
     name: str = _f("run", doc="run name (the default run directory is runs/NAME)")
-    reproduces: str = _f("", doc="the seed result this config reproduces")
+    reproduces: str = _f("", doc="the published result this config reproduces (paper, table, figure)")
     seed: int = _f(42, lo=0, doc="random seed")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -254,10 +255,21 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return base
 
 
+def _check_constant_keys(data: dict, cfg: Config) -> None:
+    """A constant schedule reads ``keep_rate`` (as ``td.Constant``), not ``final`` (a drop ratio): a config
+    that sets ``final`` for it, and no ``keep_rate``, most likely meant the other quantity."""
+    given = data.get("token_drop") or {}
+    if cfg.token_drop.schedule == "constant" and "final" in given and "keep_rate" not in given:
+        final = cfg.token_drop.final
+        raise ConfigError(f"token_drop.final: a constant schedule reads token_drop.keep_rate (the fraction kept, as "
+                          f"td.Constant); set token_drop.keep_rate={round(1 - final, 9):g} for a drop ratio of {final:g}")
+
+
 def config_from_dict(data: dict) -> Config:
     """Build and validate a :class:`Config` from a nested dict."""
     cfg = Config()
     _apply(cfg, data or {})
+    _check_constant_keys(data or {}, cfg)
     _validate(cfg)
     return cfg
 

@@ -9,10 +9,12 @@ Supported data sets (``DataConfig.dataset``):
   (Debian package ``dataset-fashion-mnist``). 60 000 train / 10 000 test images, 28×28 grey.
 * ``digits`` — scikit-learn's bundled 8×8 digits (offline), upsampled to 32×32; a fixed stratified
   split of 1347 train / 450 val images.
-* ``imagefolder`` — ``torchvision.datasets.ImageFolder`` on ``data.root/train`` and ``data.root/val``.
+* ``imagefolder`` — ``torchvision.datasets.ImageFolder`` on ``data.root/train`` and ``data.root/val``; its
+  native side is the model's (:func:`model_input_size`), since its images come in any size.
 
 Images are PIL images (mode ``L`` for one-channel sets) until ``ToTensor``; Mixup/CutMix are applied
-on batches by the trainer, not here.
+on batches by the trainer, not here. A failed load leaves no directory behind (torchvision's CIFAR download
+creates ``data.root`` before it fails).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import random
+import shutil
 import socket
 import urllib.error
 from dataclasses import dataclass
@@ -32,7 +35,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import transforms as T
 
-from .config import AugmentConfig, DataConfig
+from ..models.hybrid_vit import BACKBONES
+from .config import AugmentConfig, DataConfig, ModelConfig
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the raw idx files."""
@@ -50,6 +54,12 @@ DOWNLOAD_TIMEOUT_S = 20.0
 
 DIGITS_VAL_SIZE = 450
 
+HYBRID_IMG_SIZE = 32
+"""The input side our hybrid backbones are built for (the CIFAR stem)."""
+
+TIMM_DEFAULT_IMG_SIZE = 224
+"""timm's default input side, for a timm model whose pretrained config declares none."""
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """The data set's files are not where we looked; the message says where and how to get them."""
@@ -57,7 +67,8 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about a data set: classes, channels, native side and normalisation stats."""
+    """Facts about a data set: classes, channels, native side and normalisation stats; ``source`` says where
+    :func:`build_datasets` read the images from."""
 
     name: str
     num_classes: int
@@ -65,6 +76,7 @@ class DatasetInfo:
     img_size: int
     mean: tuple
     std: tuple
+    source: str = ""
 
 
 _INFOS: dict[str, DatasetInfo] = {
@@ -76,17 +88,35 @@ _INFOS: dict[str, DatasetInfo] = {
     # Computed over the 1347 training images after scaling 0-16 -> 0-255 and bilinear 8 -> 32
     # upsampling: 0.30550 / 0.32341 (tests/test_data.py recomputes them).
     "digits": DatasetInfo("digits", 10, 1, 32, (0.3055,), (0.3234,)),
-    # num_classes is found when the folders are read (build_datasets); 224 is only the nominal side.
-    "imagefolder": DatasetInfo("imagefolder", 0, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # num_classes is found when the folders are read (build_datasets); the side is the model's (dataset_info).
+    "imagefolder": DatasetInfo("imagefolder", 0, 3, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Facts about data set ``name`` (for ``imagefolder`` num_classes is 0 until build time)."""
+def model_input_size(model: str) -> int:
+    """The input side ``model`` is built for: 32 px for our ``hybrid_vit_*``, else the timm model's
+    ``pretrained_cfg`` input size (timm's 224 when it declares none)."""
+    if model in BACKBONES:
+        return HYBRID_IMG_SIZE
+    import timm
+
     try:
-        return _INFOS[name]
+        size = timm.models.get_pretrained_cfg_value(model, "input_size")
+    except RuntimeError:  # no pretrained config registered (an unknown name fails later, naming model.name)
+        size = None
+    return int(size[-1]) if size else TIMM_DEFAULT_IMG_SIZE
+
+
+def dataset_info(name: str, model: str = ModelConfig.name) -> DatasetInfo:
+    """Facts about data set ``name`` as input to ``model``: ``imagefolder`` images come in any size, so their
+    native side is the model's (:func:`model_input_size`); its num_classes is 0 until build time."""
+    try:
+        info = _INFOS[name]
     except KeyError:
         raise ValueError(f"data.dataset: unknown data set {name!r} (known: {', '.join(_INFOS)})") from None
+    if name == "imagefolder":
+        info = dataclasses.replace(info, img_size=model_input_size(model))
+    return info
 
 
 # --------------------------------------------------------------------------------------- transforms
@@ -190,7 +220,7 @@ def _load_fashion_mnist(root: Path, train_tf: Callable, val_tf: Callable):
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]
     return (ArrayDataset(arrays["train_images"], arrays["train_labels"], train_tf, classes),
-            ArrayDataset(arrays["val_images"], arrays["val_labels"], val_tf, classes))
+            ArrayDataset(arrays["val_images"], arrays["val_labels"], val_tf, classes), str(d.resolve()))
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -206,17 +236,30 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return big[idx_tr], d.target[idx_tr], big[idx_va], d.target[idx_va]
 
 
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost directory of ``path`` (``path`` itself included) that does not exist yet, or None."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
 def _load_cifar(name: str, root: Path, download: bool, train_tf: Callable, val_tf: Callable):
     from torchvision import datasets
 
     cls, folder = (datasets.CIFAR10, "cifar-10-batches-py") if name == "cifar10" else \
         (datasets.CIFAR100, "cifar-100-python")
+    created = _outermost_missing(root.resolve())  # what torchvision's download would create
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
         train = cls(str(root), train=True, download=download, transform=train_tf)
         val = cls(str(root), train=False, download=False, transform=val_tf)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
+        if created is not None:  # a failed load writes nothing: remove the directories the download made
+            shutil.rmtree(created, ignore_errors=True)
         reason = f"download failed ({type(e).__name__}: {e})" if download else "download disabled"
         reason = " ".join(reason.split())
         raise DatasetNotFoundError(
@@ -224,7 +267,7 @@ def _load_cifar(name: str, root: Path, download: bool, train_tf: Callable, val_t
             f"data.download=true on a machine with internet, or copy {folder}/ into {root.resolve()}") from None
     finally:
         socket.setdefaulttimeout(old)
-    return train, val
+    return train, val, str(root.resolve() / folder)
 
 
 def _load_imagefolder(root: Path, train_tf: Callable, val_tf: Callable):
@@ -241,7 +284,7 @@ def _load_imagefolder(root: Path, train_tf: Callable, val_tf: Callable):
         raise DatasetNotFoundError(f"imagefolder: {' '.join(str(e).split())}") from None
     if val.class_to_idx != train.class_to_idx:
         raise ValueError(f"imagefolder: {root}/val has classes {val.classes} but {root}/train has {train.classes}")
-    return train, val
+    return train, val, str(root.resolve())
 
 
 def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
@@ -252,22 +295,25 @@ def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
     return Subset(ds, sorted(perm.tolist()))
 
 
-def build_datasets(cfg_data: DataConfig, aug: AugmentConfig, seed: int) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """Train and val data sets with their transforms, and the :class:`DatasetInfo` (num_classes filled in)."""
-    info = dataset_info(cfg_data.dataset)
+def build_datasets(cfg_data: DataConfig, aug: AugmentConfig, seed: int, model: str = ModelConfig.name
+                   ) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """Train and val data sets with their transforms for ``model``, and the :class:`DatasetInfo` (num_classes
+    and source filled in; ``img_size`` is the native side, which ``data.img_size`` 0 selects)."""
+    info = dataset_info(cfg_data.dataset, model)
     root = Path(cfg_data.root).expanduser()
     train_tf = build_transforms(info, aug, cfg_data.img_size, train=True)
     val_tf = build_transforms(info, aug, cfg_data.img_size, train=False)
     if info.name in ("cifar10", "cifar100"):
-        train, val = _load_cifar(info.name, root, cfg_data.download, train_tf, val_tf)
+        train, val, source = _load_cifar(info.name, root, cfg_data.download, train_tf, val_tf)
     elif info.name == "fashion-mnist":
-        train, val = _load_fashion_mnist(root, train_tf, val_tf)
+        train, val, source = _load_fashion_mnist(root, train_tf, val_tf)
     elif info.name == "digits":
         xtr, ytr, xva, yva = digits_arrays()
-        train, val = ArrayDataset(xtr, ytr, train_tf), ArrayDataset(xva, yva, val_tf)
+        train, val, source = ArrayDataset(xtr, ytr, train_tf), ArrayDataset(xva, yva, val_tf), "scikit-learn's bundled digits"
     else:
-        train, val = _load_imagefolder(root, train_tf, val_tf)
+        train, val, source = _load_imagefolder(root, train_tf, val_tf)
         info = dataclasses.replace(info, num_classes=len(train.classes))
+    info = dataclasses.replace(info, source=source)
     return _subset(train, cfg_data.train_subset, seed), _subset(val, cfg_data.val_subset, seed + 1), info
 
 

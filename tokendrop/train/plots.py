@@ -85,14 +85,18 @@ def _line(ax, x, y, label, **kw) -> None:
         ax.plot(x, y, label=label, marker="." if len(x) <= 30 else None, **kw)
 
 
-def _twin(m, ep, out: Path, title: str, left: tuple[str, str, str], right: tuple[str, str, str]) -> Path:
-    """One figure with column ``left`` on the left axis and ``right`` on a twin axis: (column, label, unit)."""
+def _twin(m, ep, out: Path, title: str, left: tuple[str, str, str], right: tuple[str, str, str],
+          right_counts: bool = False) -> Path:
+    """One figure with column ``left`` on the left axis and ``right`` on a twin axis: (column, label, unit).
+    ``right_counts``: the right column counts things (tokens), so its ticks are integers."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _line(ax, ep, _col(m, left[0]), left[1], color="tab:blue")
     ax.set_ylabel(left[2], color="tab:blue")
     ax2 = ax.twinx()
     _line(ax2, ep, _col(m, right[0]), right[1], color="tab:orange", linestyle="--")
     ax2.set_ylabel(right[2], color="tab:orange")
+    if right_counts:
+        ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     return _finish(fig, ax, title, None, out, ax2)
 
 
@@ -128,7 +132,7 @@ def plot_run(run_dir: str | Path, compare: list[Path] | None = None) -> list[Pat
 
     written.append(_twin(m, ep, out_dir / "drop_ratio.png", f"{name}: token drop",
                          ("drop_ratio", "drop ratio", "drop ratio"),
-                         ("kept_tokens", "kept tokens", "kept tokens")))
+                         ("kept_tokens", "kept tokens", "kept tokens"), right_counts=True))
     written.append(_twin(m, ep, out_dir / "epoch_time.png", f"{name}: training speed",
                          ("epoch_time_sec", "epoch time", "epoch time (s)"),
                          ("train_imgs_per_sec", "train images/s", "train images/s")))

@@ -24,7 +24,7 @@ from ..device import pick_device
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, config_from_dict, merge_dicts
-from .data import build_datasets, build_loaders
+from .data import build_datasets, build_loaders, model_input_size
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
 
@@ -79,7 +79,7 @@ def token_drop_schedule(cfg: Config) -> red.Schedule:
     """The drop-ratio schedule of ``cfg.token_drop``."""
     td = cfg.token_drop
     return red.make_schedule(td.schedule, start=td.start, end=td.end, initial=td.initial, final=td.final,
-                             gamma=td.gamma, steps=td.steps)
+                             gamma=td.gamma, steps=td.steps, keep_rate=td.keep_rate)
 
 
 def build_token_drop(model: nn.Module, cfg: Config) -> None:
@@ -94,7 +94,10 @@ def build_token_drop(model: nn.Module, cfg: Config) -> None:
 _ARG_TO_KEY = {"name": "model.name", "img_size": "data.img_size", "in_chans": "data.dataset", "blocks": "token_drop.blocks",
                "score": "token_drop.score", "reducer": "token_drop.score", "final": "token_drop.final",
                "initial": "token_drop.initial", "gamma": "token_drop.gamma", "end": "token_drop.end",
-               "start": "token_drop.start", "steps": "token_drop.steps", "keep_rate": "token_drop.final"}
+               "start": "token_drop.start", "steps": "token_drop.steps", "keep_rate": "token_drop.keep_rate"}
+
+MANY_TOKENS = 1024
+"""Above this many tokens per image a run says so, and how to choose a smaller input side."""
 
 
 def _config_error(e: ValueError) -> ValueError:
@@ -102,8 +105,21 @@ def _config_error(e: ValueError) -> ValueError:
     return ValueError(f"{_ARG_TO_KEY[arg]}: {rest}") if sep and arg in _ARG_TO_KEY else e
 
 
+def many_tokens_notice(model_name: str, tokens: int, img_size: int) -> str | None:
+    """One line when a model sees more than :data:`MANY_TOKENS` tokens per image: the count, and a smaller
+    input side to choose (the model's own, or half the current side)."""
+    if tokens <= MANY_TOKENS:
+        return None
+    side = model_input_size(model_name)
+    if side >= img_size:
+        side = img_size // 2
+    fewer = round(tokens * (side / img_size) ** 2)
+    return (f"notice: {model_name} sees {tokens} tokens per image at {img_size} px, which is slow; choose the input "
+            f"side with --set data.img_size=N (e.g. {side}: about {fewer} tokens)")
+
+
 def build_run_model(cfg: Config, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
-    """The backbone of ``cfg`` with its token-drop sites."""
+    """The backbone of ``cfg`` with its token-drop sites (printing :func:`many_tokens_notice` when due)."""
     try:
         model = build_model(cfg.model.name, num_classes=num_classes, in_chans=in_chans, img_size=img_size,
                             drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
@@ -112,6 +128,9 @@ def build_run_model(cfg: Config, num_classes: int, in_chans: int, img_size: int)
         raise _config_error(e) from None
     except TypeError as e:
         raise ValueError(f"model.name: {cfg.model.name!r} is not a ViT tokendrop can train ({e})") from None
+    notice = many_tokens_notice(cfg.model.name, model.patch_embed.num_patches, img_size)
+    if notice and not (is_distributed() and torch.distributed.get_rank() > 0):
+        print(notice, file=sys.stderr)
     return model
 
 
@@ -170,7 +189,7 @@ class Trainer:
         self.is_main = self.rank == 0
         seed_everything(cfg.seed, cfg.run.deterministic)  # same initial weights (and EMA) on every process
 
-        train_ds, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
+        train_ds, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed, cfg.model.name)
         self.info = info
         if self.world > 1:  # shard validation without padding (no sample counted twice)
             val_ds = torch.utils.data.Subset(val_ds, list(range(self.rank, len(val_ds), self.world)))
@@ -185,6 +204,8 @@ class Trainer:
         img_size = cfg.data.img_size or info.img_size
 
         self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
+        if self.is_main:  # after the checks of data and model, so that a bad value gives one line only
+            print(f"data: {info.name} from {info.source}", file=sys.stderr)
         self.ema = build_ema(self.model, cfg.ema.decay, cfg.ema.warmup).to(self.device) if cfg.ema.enabled else None
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
@@ -391,9 +412,10 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None
     ckpt = load_checkpoint(path)
     cfg = config_from_dict(merge_dicts(ckpt["config"], overrides or {}))
     dev = pick_device(device, key="--device")
-    _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed)
+    _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed, cfg.model.name)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.workers)
     model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
+    print(f"data: {info.name} from {info.source}", file=sys.stderr)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
