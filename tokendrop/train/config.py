@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
        hi_open: bool = False, choices: tuple | None = None, doc: str = "") -> Any:
     meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "doc": doc}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -35,6 +35,7 @@ class ModelConfig:
     name: str = _f("hybrid_vit_ptd", doc="backbone registered with timm (hybrid_vit_ptd, hybrid_vit_ctd, hybrid_vit_tiny, or any timm ViT)")
     drop_rate: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="dropout after the position embedding, attention projection and MLP")
     drop_path_rate: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="maximum stochastic-depth rate (linear over blocks)")
+    pretrained: str = _f("", doc="start from these weights: a checkpoint path (ours, timm's or a state dict) or a timm model name whose published weights to download; '' = random init")
 
 
 @dataclass
@@ -75,6 +76,10 @@ class OptimConfig:
     lr_unit: str = _f("epoch", choices=("epoch", "step"), doc="evaluate warmup+cosine per epoch (PTD notebook) or per step (baseline notebook)")
     label_smoothing: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="label smoothing of the cross-entropy")
     clip_grad: float = _f(1.0, lo=0.0, doc="global gradient-norm clipping; 0 disables")
+    reducer_lr_scale: float = _f(1.0, lo=0.0, doc="LR factor of the reduction methods' own parameters")
+    backbone_lr_scale: float = _f(1.0, lo=0.0, doc="LR factor of the backbone (blocks, final norm, CLS token); the head and embeddings keep 1")
+    backbone_freeze_epochs: float = _f(0.0, lo=0.0, doc="epochs at the start during which the backbone's LR is 0")
+    trainable: str = _f("all", choices=("all", "reducer"), doc="train every parameter, or only the reduction methods' own (TNT's α heads)")
 
 
 @dataclass
@@ -86,8 +91,12 @@ class EmaConfig:
 
 @dataclass
 class TokenDropConfig:
-    enabled: bool = _f(False, doc="attach token drop (active in training only; evaluation uses every token)")
-    score: str = _f("cls_attention", choices=("cls_attention", "random", "gradient", "l1", "l2", "linf"), doc="token saliency")
+    enabled: bool = _f(False, doc="attach token reduction sites (see token_drop.when)")
+    reducer: str = _f("topk", doc="reduction method, any name in tokendrop.REDUCERS (topk, ...)")
+    reducer_args: dict = _f({}, doc="keyword arguments of the method, e.g. {score: l2} or {prop_attn: false}")
+    score: str = _f("cls_attention", choices=("cls_attention", "random", "gradient", "l1", "l2", "linf"), doc="token saliency of topk (reducer_args.score wins when given)")
+    when: str = _f("train", choices=("train", "eval", "always"), doc="active in training only (PTD/CTD: evaluation sees every token), at evaluation only, or always (post-hoc methods fine-tuned with their reduction)")
+    position: str = _f("auto", choices=("auto", "inside", "before"), doc="inside the block (after the attention residual) or before it; auto = the method's default")
     blocks: list = _f([0], doc="0-based block indices of the drop sites")
     schedule: str = _f("curriculum", choices=("curriculum", "linear", "cosine", "step", "constant"), doc="drop-ratio schedule shape")
     start: float = _f(40.0, lo=0.0, doc="curriculum start epoch t_s")
@@ -99,6 +108,13 @@ class TokenDropConfig:
     steps: int = _f(4, lo=1, doc="number of steps of the step schedule")
     relative_to: str = _f("entering", choices=("entering", "original"), doc="keep count over tokens entering the site or over the original patches")
     per_step: bool = _f(False, doc="move the schedule every step (fractional epoch) instead of once per epoch (the reference)")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = _f("", doc="teacher for a KL term on the logits: a checkpoint path (built as model.name) or a timm model name with its published weights; '' = no distillation")
+    weight: float = _f(0.5, lo=0.0, doc="weight of the teacher's KL term added to the task loss")
+    temperature: float = _f(1.0, lo=0.0, lo_open=True, doc="softmax temperature of the KL term (scaled by T²)")
 
 
 @dataclass
@@ -121,6 +137,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -155,6 +172,14 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if typ is dict or get_origin(typ) is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if value is None:
+            value = {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of argument names to values, got {value!r}")
+        return value
     if typ is list or get_origin(typ) is list:
         if isinstance(value, str):
             value = yaml.safe_load(value)
