@@ -1,7 +1,9 @@
 """Short CPU runs of the training CLI on scikit-learn's digits (real, offline data)."""
 
 import csv
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,9 +94,24 @@ def test_resume_logs_the_same_metrics(tmp_path, monkeypatch):
         assert {k: v for k, v in ra.items() if k not in timing} == {k: v for k, v in rb.items() if k not in timing}
 
 
-def test_lr_factor_warmup_then_cosine():
-    import math
+def test_interleaved_trainers_log_what_each_logs_alone(ptd_run, tmp_path):
+    """Two runs advanced an epoch at a time in turn (as the demo does) keep their own RNG streams."""
+    ptd = trainer_mod.Trainer(load_config("fashion_mnist_ptd", [*FAST, *PTD_RUN]), tmp_path / "ptd", progress=False)
+    other = trainer_mod.Trainer(load_config("fashion_mnist_baseline", [*FAST, "optim.epochs=4", "seed=7"]),
+                                tmp_path / "base", progress=False, label="base ")
+    ptd.setup()
+    other.setup()
+    for epoch in ptd.epochs():
+        other.run_epoch(epoch)
+        ptd.run_epoch(epoch)
+    timing = {"epoch_time_sec", "train_imgs_per_sec"}
+    alone, interleaved = read_rows(ptd_run), read_rows(tmp_path / "ptd")
+    assert len(alone) == len(interleaved) == 4
+    for a, b in zip(alone, interleaved):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
 
+
+def test_lr_factor_warmup_then_cosine():
     for warmup in (0.5, 2.5, 5):
         values = [trainer_mod.lr_factor(t, warmup, 100) for t in range(100)]
         assert max(values) <= 1.0
@@ -105,13 +122,62 @@ def test_lr_factor_warmup_then_cosine():
 
 
 def test_existing_run_needs_resume_and_same_config(ptd_run, capsys):
-    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), *sets("optim.epochs=4")]) == 1
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), *sets(*PTD_RUN)]) == 1
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), "--resume", *sets("optim.epochs=9")]) == 1
-    assert "optim.epochs" in capsys.readouterr().err
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), "--resume", *sets(*PTD_RUN, "optim.lr=1e-3")]) == 1
+    err = capsys.readouterr().err
+    assert "differs in: optim.lr)" in err and "another --out" in err and str(ptd_run / "config.yaml") in err
     # where the run computes may change on resume (device, threads, workers, data location)
     assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(ptd_run), "--resume", "--no-progress",
                  *sets(*PTD_RUN, "run.threads=2", f"data.root={ptd_run}")]) == 0
+
+
+def lr_at(t, base, warmup, total):
+    """Warm-up then cosine to 0, written out independently of the trainer's lr_factor."""
+    if t < warmup:
+        return base * (t + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+STEPS = 4  # 256 digits, batch 64, drop_last (Mixup is on)
+
+
+def test_lr_column_is_the_epochs_mean_lr(ptd_run):
+    for r in read_rows(ptd_run):  # per-step schedule: warm-up 1 epoch, 4 epochs in all
+        e = int(r["epoch"]) - 1
+        steps = [lr_at(t, 2e-3, STEPS, 4 * STEPS) for t in range(e * STEPS, (e + 1) * STEPS)]
+        assert float(r["lr"]) == pytest.approx(sum(steps) / STEPS, rel=1e-9)
+
+
+def test_extend_finished_run_appends_rows(ptd_run, tmp_path, capsys):
+    run = tmp_path / "ext"
+    shutil.copytree(ptd_run, run)
+    before = read_rows(run)
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(run), "--resume", "--no-progress",
+                 *sets(*PTD_RUN, "optim.epochs=6")]) == 0
+    err = capsys.readouterr().err
+    assert "LR schedule is recomputed over 6 epochs" in err and "at epoch 5" in err
+    rows = read_rows(run)
+    assert rows[:4] == before and [int(r["epoch"]) for r in rows[4:]] == [5, 6]
+    for r in rows[4:]:  # the LR continues on the schedule recomputed over 6 epochs
+        e = int(r["epoch"]) - 1
+        steps = [lr_at(t, 2e-3, STEPS, 6 * STEPS) for t in range(e * STEPS, (e + 1) * STEPS)]
+        assert float(r["lr"]) == pytest.approx(sum(steps) / STEPS, rel=1e-9)
+        assert float(r["drop_ratio"]) == pytest.approx(0.5)  # the curriculum is in absolute epochs: past its end
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 5
+
+
+def test_resuming_a_complete_run_trains_nothing(ptd_run, tmp_path, capsys):
+    run = tmp_path / "done"
+    shutil.copytree(ptd_run, run)
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(run), "--resume", *sets(*PTD_RUN)]) == 0
+    assert "run already complete (4 epochs); to extend it: --resume --set optim.epochs=M" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+    # fewer epochs than the run holds: a usage error naming the key, nothing written
+    assert main(["train", "--config", "fashion_mnist_ptd", "--out", str(run), "--resume", *sets(*PTD_RUN, "optim.epochs=3")]) == 2
+    assert "optim.epochs: 3 is fewer than the 4 epochs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):

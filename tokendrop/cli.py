@@ -60,7 +60,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .train.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, train_subset=args.train_subset)
+    run_demo(Path(args.out), epochs=args.epochs, train_subset=args.train_subset, fresh=args.fresh)
     return 0
 
 
@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("demo", help="offline demo: baseline vs PTD on Fashion-MNIST (CPU, minutes)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="output folder; a complete earlier demo there is reused, an incomplete one resumed")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-subset", type=int, default=10000, help="training images (the full 10k test set is always used)")
+    p.add_argument("--train-subset", type=int, default=6000, help="training images (the full 10k test set is always used)")
+    p.add_argument("--fresh", action="store_true", help="delete the demo's earlier runs in --out and train again")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("configs", help="list the shipped configs, the published result each reproduces and its paper")

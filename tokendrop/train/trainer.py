@@ -23,7 +23,7 @@ from .. import reduction as red
 from ..device import pick_device
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, config_from_dict, merge_dicts
+from .config import Config, ConfigError, config_from_dict, merge_dicts
 from .data import build_datasets, build_loaders, model_input_size
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
@@ -43,6 +43,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
+
+
+def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
+    """The dotted keys (sorted) whose values differ between two config dicts, except those in ``ignore``."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -168,15 +174,38 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> EvalRe
 
 
 class Trainer:
-    """One training run in ``out_dir``; rank 0 writes ``config.yaml``, ``metrics.csv``, checkpoints, plots."""
+    """One training run in ``out_dir``; rank 0 writes ``config.yaml``, ``metrics.csv``, checkpoints, plots.
 
-    def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> None:
+    :meth:`run` trains to the end. To advance several runs side by side (the demo interleaves two),
+    call :meth:`setup`, then :meth:`run_epoch` for each epoch of :meth:`epochs`, then :meth:`finish`.
+    Each trainer keeps its own RNG state between epochs, so interleaving does not change its results.
+    """
+
+    def __init__(self, cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True, label: str = "") -> None:
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.resume = resume
         self.progress = progress
+        self.label = label  # printed before each epoch line
 
     # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build data, model and optimizer, load ``last.pt`` when resuming, and (unless the run is already
+        complete) write ``config.yaml`` and the kept rows of ``metrics.csv``."""
+        self._setup()
+        if self.is_main and not self.complete:
+            self._prepare_dir()
+        self._rng = rng_state()
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``optim.epochs`` epochs are done (after :meth:`setup`)."""
+        return self.start_epoch >= self.cfg.optim.epochs
+
+    def epochs(self) -> range:
+        """The epochs (0-based) still to train (after :meth:`setup`)."""
+        return range(self.start_epoch, self.cfg.optim.epochs)
+
     def _setup(self) -> None:
         cfg = self.cfg
         if cfg.run.threads:
@@ -240,14 +269,16 @@ class Trainer:
             raise CheckpointError(f"{self.out_dir} already holds a run (last.pt); use --resume or another --out")
 
     def _load_resume(self) -> None:
-        ckpt = load_checkpoint(self.out_dir / "last.pt")
-        old, new = _flatten(ckpt["config"]), _flatten(self.cfg.to_dict())
-        for key in RESUME_FREE_KEYS:  # where and how fast, not what, the run computes
-            old.pop(key, None)
-            new.pop(key, None)
-        if old != new:
-            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise CheckpointError(f"{self.out_dir / 'last.pt'} was written by a different config (differs in: {', '.join(diff)})")
+        path = self.out_dir / "last.pt"
+        ckpt = load_checkpoint(path)
+        diff = config_differences(ckpt["config"], self.cfg.to_dict(), RESUME_FREE_KEYS + ("optim.epochs",))
+        if diff:  # where and how fast, and how long, may change; not what the run computes
+            raise CheckpointError(f"{path} was written by a different config (differs in: {', '.join(diff)}); resume it "
+                                  f"with its own config (--config {self.out_dir / 'config.yaml'}) or train into another --out")
+        done, epochs = ckpt["epoch"] + 1, self.cfg.optim.epochs
+        if epochs < done:
+            raise ConfigError(f"optim.epochs: {epochs} is fewer than the {done} epochs {path} already holds "
+                              f"(allowed: {done} or more)")
         try:
             self.model.load_state_dict(ckpt["model"])
             if self.ema is not None:
@@ -255,10 +286,24 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"{self.out_dir / 'last.pt'} does not fit this model ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]})") from None
         set_rng_state(ckpt["rng"][min(self.rank, len(ckpt["rng"]) - 1)])
-        self.start_epoch = ckpt["epoch"] + 1
+        self.start_epoch = done
         self.best_acc = ckpt["best_acc"]
+        old_epochs = ckpt["config"]["optim"]["epochs"]
+        if epochs != old_epochs and not self.complete:
+            self._rescale_lr(old_epochs)
+
+    def _rescale_lr(self, old_epochs: int) -> None:
+        """Continue on the warmup+cosine schedule recomputed over the new ``optim.epochs``: the LR jumps."""
+        before = self.optimizer.param_groups[0]["lr"]
+        t = self.scheduler.last_epoch
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(t)
+        if self.is_main:
+            print(f"notice: optim.epochs {old_epochs} → {self.cfg.optim.epochs}: the warmup+cosine LR schedule is "
+                  f"recomputed over {self.cfg.optim.epochs} epochs, so the LR jumps from {before:.2e} to "
+                  f"{self.optimizer.param_groups[0]['lr']:.2e} at epoch {self.start_epoch + 1}", file=sys.stderr)
 
     # -- one epoch ------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
@@ -269,9 +314,9 @@ class Trainer:
         gen = getattr(self.train_loader, "generator", None)
         if gen is not None:  # data order depends only on (seed, epoch): resumable
             gen.manual_seed((cfg.seed + self.rank) * 1_000_003 + epoch)
-        loss_sum, correct, seen = 0.0, 0.0, 0
+        loss_sum, correct, seen, lr_sum = 0.0, 0.0, 0, 0.0
         start = time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,
+        bar = tqdm(self.train_loader, desc=f"{self.label}epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.is_main), file=sys.stderr)
         for step, (images, targets) in enumerate(bar):
             if cfg.token_drop.per_step:
@@ -292,6 +337,7 @@ class Trainer:
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 raise NonFiniteLossError(f"non-finite loss or gradient (loss {loss.item()}) at epoch {epoch + 1}, "
                                          f"step {step + 1}; {self.out_dir / 'last.pt'} keeps the last good epoch")
+            lr_sum += self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             if cfg.optim.lr_unit == "step":
                 self.scheduler.step()
@@ -308,6 +354,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen_all = all_reduce_sum([loss_sum, correct, float(seen)], device)
         return {"train_loss": loss_sum / seen_all, "train_acc": 100 * correct / seen_all,
+                "lr": lr_sum / self.steps_per_epoch,  # the mean over the epoch's steps (per-step schedules)
                 "epoch_time_sec": elapsed, "train_imgs_per_sec": seen_all / elapsed}
 
     def _drop_ratio(self) -> float:
@@ -332,53 +379,66 @@ class Trainer:
     def run(self) -> Path:
         """Train (or resume) to the configured number of epochs. Returns the run directory."""
         try:
-            self._setup()
-            self._loop()
+            self.setup()
+            if self.complete:
+                if self.is_main:
+                    print(f"[tokendrop] {self.out_dir}: run already complete ({self.start_epoch} epochs); to extend it: "
+                          f"--resume --set optim.epochs=M (M > {self.start_epoch})", file=sys.stderr)
+                return self.out_dir
+            for epoch in self.epochs():
+                self.run_epoch(epoch)
+            self.finish()
         finally:
             cleanup()
         return self.out_dir
 
-    def _loop(self) -> None:
+    def _prepare_dir(self) -> None:
         cfg = self.cfg
-        metrics_path = self.out_dir / "metrics.csv"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self._truncate_metrics(self.out_dir / "metrics.csv")
+        print(f"[tokendrop] {cfg.name}: {cfg.model.name} on {self.info.name} "
+              f"({len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val per process), "
+              f"device {self.device}, {self.world} process(es), epochs {self.start_epoch + 1}..{cfg.optim.epochs}",
+              file=sys.stderr)
+
+    def run_epoch(self, epoch: int) -> dict:
+        """Train, validate and checkpoint one epoch (0-based, the next of :meth:`epochs`); returns its metrics row."""
+        cfg = self.cfg
+        set_rng_state(self._rng)
+        red.set_epoch(self.model, epoch)
+        row = {"epoch": epoch + 1, "drop_ratio": self._drop_ratio(), "kept_tokens": self._kept_tokens()}
+        row.update(self._train_epoch(epoch))
+        if cfg.optim.lr_unit == "epoch":
+            self.scheduler.step()
+        broadcast_buffers(self.model)  # every process validates (and rank 0 saves) the same model
+        if self.ema is not None:
+            broadcast_buffers(self.ema)
+        raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp)
+        row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
+        score = raw.acc
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, self.val_loader, self.device, cfg.run.amp)
+            row.update(val_loss_ema=ema.loss, val_acc_ema=ema.acc)
+            score = ema.acc
+        improved = score > self.best_acc
+        self.best_acc = max(self.best_acc, score)
+        ckpt = self._checkpoint(epoch)
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self._truncate_metrics(metrics_path)
-            print(f"[tokendrop] {cfg.name}: {cfg.model.name} on {self.info.name} "
-                  f"({len(self.train_loader.dataset)} train / {len(self.val_loader.dataset)} val per process), "
-                  f"device {self.device}, {self.world} process(es), epochs {self.start_epoch + 1}..{cfg.optim.epochs}",
-                  file=sys.stderr)
-        for epoch in range(self.start_epoch, cfg.optim.epochs):
-            red.set_epoch(self.model, epoch)
-            row = {"epoch": epoch + 1, "drop_ratio": self._drop_ratio(), "kept_tokens": self._kept_tokens(),
-                   "lr": self.optimizer.param_groups[0]["lr"]}
-            row.update(self._train_epoch(epoch))
-            if cfg.optim.lr_unit == "epoch":
-                self.scheduler.step()
-            broadcast_buffers(self.model)  # every process validates (and rank 0 saves) the same model
-            if self.ema is not None:
-                broadcast_buffers(self.ema)
-            raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp)
-            row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
-            score = raw.acc
-            if self.ema is not None:
-                ema = evaluate(self.ema.module, self.val_loader, self.device, cfg.run.amp)
-                row.update(val_loss_ema=ema.loss, val_acc_ema=ema.acc)
-                score = ema.acc
-            improved = score > self.best_acc
-            self.best_acc = max(self.best_acc, score)
-            ckpt = self._checkpoint(epoch)
-            if self.is_main:
-                if improved:
-                    save_atomic(ckpt, self.out_dir / "best.pt")
-                self._append_metrics(metrics_path, row)
-                save_atomic(ckpt, self.out_dir / "last.pt")  # last: a resumed run restarts after this epoch
-                ema_txt = f" ema {row['val_acc_ema']:.2f}%" if self.ema is not None else ""
-                print(f"epoch {epoch + 1:>3}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}  train {row['train_acc']:.2f}%  "
-                      f"val {raw.acc:.2f}%{ema_txt}  lr {row['lr']:.2e}  drop {row['drop_ratio']:.3f} "
-                      f"({row['kept_tokens']} tokens)  {row['epoch_time_sec']:.1f}s  {row['train_imgs_per_sec']:.0f} img/s",
-                      file=sys.stderr)
+            if improved:
+                save_atomic(ckpt, self.out_dir / "best.pt")
+            self._append_metrics(self.out_dir / "metrics.csv", row)
+            save_atomic(ckpt, self.out_dir / "last.pt")  # last: a resumed run restarts after this epoch
+            ema_txt = f" ema {row['val_acc_ema']:.2f}%" if self.ema is not None else ""
+            print(f"{self.label}epoch {epoch + 1:>3}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}  "
+                  f"train {row['train_acc']:.2f}%  val {raw.acc:.2f}%{ema_txt}  lr {row['lr']:.2e}  "
+                  f"drop {row['drop_ratio']:.3f} ({row['kept_tokens']} tokens)  {row['epoch_time_sec']:.1f}s  "
+                  f"{row['train_imgs_per_sec']:.0f} img/s", file=sys.stderr)
+        self._rng = rng_state()
+        return row
+
+    def finish(self) -> None:
+        """Draw the run's plots (rank 0)."""
         if self.is_main:
             from .plots import plot_run
 
