@@ -93,3 +93,71 @@ def test_distill_kl_matches_formula():
         ref = (pt * (pt.log() - ps.log())).sum(-1).mean() * T * T
         assert math.isclose(distill_kl(s, t, T).item(), ref.item(), rel_tol=1e-5)
     assert distill_kl(t, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------- through the trainer
+FAST = ["data.dataset=digits", "data.train_subset=128", "data.val_subset=100", "data.workers=0", "optim.batch_size=64",
+        "optim.eval_batch_size=100", "optim.warmup_epochs=0", "run.threads=1", "ema.enabled=false"]
+
+
+def run_cli(out, *items, config="fashion_mnist_baseline"):
+    from tokendrop.cli import main
+
+    args = ["train", "--config", config, "--out", str(out), "--no-progress"]
+    for item in (*FAST, *items):
+        args += ["--set", item]
+    return main(args)
+
+
+@pytest.fixture()
+def learned_registered():
+    from tokendrop.reduction.registry import _REDUCERS
+
+    td.register_reducer("test_learned")(Learned)
+    yield "test_learned"
+    _REDUCERS.pop("test_learned")
+
+
+def backbone_state(sd):
+    return {k: v for k, v in sd.items() if k.startswith(("blocks.", "norm.", "cls_token")) and ".token_site." not in k}
+
+
+def test_finetune_from_checkpoint_with_frozen_backbone(tmp_path, learned_registered):
+    assert run_cli(tmp_path / "base", "optim.epochs=1") == 0
+    base = torch.load(tmp_path / "base" / "last.pt", weights_only=False)["model"]
+    code = run_cli(tmp_path / "ft", "optim.epochs=1", f"model.pretrained={tmp_path / 'base' / 'last.pt'}",
+                   "token_drop.enabled=true", f"token_drop.reducer={learned_registered}", "token_drop.when=always",
+                   "token_drop.schedule=constant", "token_drop.keep_rate=0.5", "token_drop.blocks=[1]",
+                   "optim.backbone_freeze_epochs=1", "optim.reducer_lr_scale=10", "optim.lr=1e-3")
+    assert code == 0
+    ckpt = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
+    ft = ckpt["model"]
+    for k, v in backbone_state(base).items():  # started from the checkpoint, and frozen for the only epoch
+        assert torch.equal(ft[k], v), k
+    assert not torch.equal(ft["head.weight"], base["head.weight"])  # the head trains
+    # the reducer's LR is 10× the schedule's; the backbone's is 0 during the freeze
+    groups = ckpt["optimizer"]["param_groups"]
+    by_role = {g["role"]: g for g in groups}
+    assert by_role["reducer"]["lr_scale"] == 10.0 and by_role["backbone"]["freeze_epochs"] == 1.0
+    names = [n for n in ft if ".token_site." in n]
+    assert names == ["blocks.1.token_site.reducer.score.weight", "blocks.1.token_site.reducer.score.bias"]
+    # one more epoch, after the freeze: now the backbone moves
+    from tokendrop.cli import main
+
+    args = ["train", "--config", str(tmp_path / "ft" / "config.yaml"), "--out", str(tmp_path / "ft"), "--no-progress",
+            "--resume", "--set", "optim.epochs=2"]
+    assert main(args) == 0
+    moved = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)["model"]
+    assert all(not torch.equal(moved[k], v) for k, v in backbone_state(base).items() if k.endswith("qkv.weight"))
+
+
+def test_distillation_and_reducer_errors(tmp_path, capsys):
+    assert run_cli(tmp_path / "teacher", "optim.epochs=1") == 0
+    teacher = tmp_path / "teacher" / "last.pt"
+    assert run_cli(tmp_path / "student", "optim.epochs=1", f"distill.teacher={teacher}", "distill.weight=1.0") == 0
+    assert run_cli(tmp_path / "bad", "token_drop.enabled=true", "token_drop.reducer=nope") == 2
+    err = capsys.readouterr().err
+    assert "token_drop.reducer: unknown method 'nope' (allowed: " in err and "topk" in err
+    assert not (tmp_path / "bad").exists()
+    assert run_cli(tmp_path / "bad2", "token_drop.enabled=true", "token_drop.reducer_args={scroe: l2}") == 2
+    assert "token_drop.reducer_args: topk has no argument 'scroe'" in capsys.readouterr().err

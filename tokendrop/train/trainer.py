@@ -25,6 +25,9 @@ from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, ConfigError, config_from_dict, merge_dicts
 from .data import build_datasets, build_loaders, model_input_size
+from ..models.pretrained import PretrainedError, load_pretrained
+from .distill import build_teacher, distill_kl
+from .optim import group_lr_factor, param_groups
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
 
@@ -88,17 +91,27 @@ def token_drop_schedule(cfg: Config) -> red.Schedule:
                              gamma=td.gamma, steps=td.steps, keep_rate=td.keep_rate)
 
 
+def token_reducer(cfg: Config) -> red.Reducer:
+    """The reduction method of ``cfg.token_drop`` (``score`` is Top-K's default score)."""
+    td = cfg.token_drop
+    args = dict(td.reducer_args)
+    if td.reducer == "topk":
+        args.setdefault("score", td.score)
+    return red.reducer(td.reducer, **args)
+
+
 def build_token_drop(model: nn.Module, cfg: Config) -> None:
-    """Attach the config's token-drop sites (active in training only)."""
+    """Attach the config's reduction sites."""
     td = cfg.token_drop
     if td.enabled:
-        red.attach(model, red.reducer("topk", score=td.score), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when="train",
-                   relative_to=td.relative_to)
+        red.attach(model, token_reducer(cfg), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when=td.when,
+                   position=None if td.position == "auto" else td.position, relative_to=td.relative_to)
 
 
 # Library argument names → the config keys that set them, so errors name what the user can change.
 _ARG_TO_KEY = {"name": "model.name", "img_size": "data.img_size", "in_chans": "data.dataset", "blocks": "token_drop.blocks",
-               "score": "token_drop.score", "reducer": "token_drop.score", "final": "token_drop.final",
+               "score": "token_drop.score", "reducer": "token_drop.reducer", "reducer_args": "token_drop.reducer_args",
+               "final": "token_drop.final", "position": "token_drop.position",
                "initial": "token_drop.initial", "gamma": "token_drop.gamma", "end": "token_drop.end",
                "start": "token_drop.start", "steps": "token_drop.steps", "keep_rate": "token_drop.keep_rate"}
 
@@ -138,16 +151,6 @@ def build_run_model(cfg: Config, num_classes: int, in_chans: int, img_size: int)
     if notice and not (is_distributed() and torch.distributed.get_rank() > 0):
         print(notice, file=sys.stderr)
     return model
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, the CLS token and the position embedding (timm's convention)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -235,17 +238,29 @@ class Trainer:
         self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
         if self.is_main:  # after the checks of data and model, so that a bad value gives one line only
             print(f"data: {info.name} from {info.source}", file=sys.stderr)
+        if cfg.model.pretrained and not self.resume:
+            self._load_pretrained()
+        self.teacher = None
+        if cfg.distill.teacher:
+            self.teacher = build_teacher(cfg.distill.teacher, cfg.model.name, info.num_classes, info.in_chans,
+                                         img_size).to(self.device)
         self.ema = build_ema(self.model, cfg.ema.decay, cfg.ema.warmup).to(self.device) if cfg.ema.enabled else None
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-        total = o.epochs if o.lr_unit == "epoch" else o.epochs * self.steps_per_epoch
-        warm = o.warmup_epochs if o.lr_unit == "epoch" else o.warmup_epochs * self.steps_per_epoch
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: lr_factor(t, warm, total, o.min_lr_ratio))
+        groups = param_groups(self.model, o.weight_decay, o.reducer_lr_scale, o.backbone_lr_scale,
+                              o.backbone_freeze_epochs, o.trainable)
+        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        per_epoch = 1 if o.lr_unit == "epoch" else self.steps_per_epoch
+        total, warm = o.epochs * per_epoch, o.warmup_epochs * per_epoch
+        self.lr_schedule = lambda t: lr_factor(t, warm, total, o.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, [
+            (lambda t, g=g: group_lr_factor(g, self.lr_schedule(t), t / per_epoch)) for g in self.optimizer.param_groups])
         seed_everything(cfg.seed + self.rank)  # then different augmentation, dropout and mixing per process
         self.net = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            # a learned reducer is idle while its site drops nothing (curriculum at d = 0): DDP must allow it
+            idle = any(g["role"] == "reducer" for g in self.optimizer.param_groups)
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=idle)
         if cfg.run.compile and self.device.type == "cuda":
             self.net = torch.compile(self.net)
 
@@ -267,6 +282,22 @@ class Trainer:
             self._load_resume()
         elif (self.out_dir / "last.pt").exists():
             raise CheckpointError(f"{self.out_dir} already holds a run (last.pt); use --resume or another --out")
+
+    def schedule_lr(self) -> float:
+        """The LR schedule's value now: ``optim.lr`` × warmup+cosine (parameter groups scale it by their
+        ``lr_scale``, and a frozen backbone gets 0)."""
+        return self.cfg.optim.lr * self.lr_schedule(self.scheduler.last_epoch)
+
+    def _load_pretrained(self) -> None:
+        """Start from ``model.pretrained`` (reduction sites' own parameters start fresh)."""
+        try:
+            report = load_pretrained(self.model, self.cfg.model.pretrained)
+        except PretrainedError as e:
+            raise CheckpointError(str(e)) from None
+        if self.is_main:
+            notes = report.adapted + ([f"new head ({len(report.skipped)} tensors)"] if report.skipped else [])
+            print(f"model: {report.loaded} weight tensors from {report.source}"
+                  + (f" ({'; '.join(notes)})" if notes else ""), file=sys.stderr)
 
     def _load_resume(self) -> None:
         path = self.out_dir / "last.pt"
@@ -296,14 +327,14 @@ class Trainer:
 
     def _rescale_lr(self, old_epochs: int) -> None:
         """Continue on the warmup+cosine schedule recomputed over the new ``optim.epochs``: the LR jumps."""
-        before = self.optimizer.param_groups[0]["lr"]
+        before = self.schedule_lr()
         t = self.scheduler.last_epoch
         for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * fn(t)
         if self.is_main:
             print(f"notice: optim.epochs {old_epochs} → {self.cfg.optim.epochs}: the warmup+cosine LR schedule is "
                   f"recomputed over {self.cfg.optim.epochs} epochs, so the LR jumps from {before:.2e} to "
-                  f"{self.optimizer.param_groups[0]['lr']:.2e} at epoch {self.start_epoch + 1}", file=sys.stderr)
+                  f"{self.schedule_lr():.2e} at epoch {self.start_epoch + 1}", file=sys.stderr)
 
     # -- one epoch ------------------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict:
@@ -329,6 +360,10 @@ class Trainer:
                 red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
                 logits = self.net(images)
                 loss = self.loss_fn(logits.float(), targets) + red.aux_loss(self.model)
+                if self.teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(images)
+                    loss = loss + cfg.distill.weight * distill_kl(logits, teacher_logits, cfg.distill.temperature)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # always: under DDP every process must join the gradient all-reduce
             # The norm of the all-reduced gradients is NaN on every process if any process's loss was, so
@@ -337,7 +372,7 @@ class Trainer:
             if not (torch.isfinite(loss) and torch.isfinite(norm)):
                 raise NonFiniteLossError(f"non-finite loss or gradient (loss {loss.item()}) at epoch {epoch + 1}, "
                                          f"step {step + 1}; {self.out_dir / 'last.pt'} keeps the last good epoch")
-            lr_sum += self.optimizer.param_groups[0]["lr"]
+            lr_sum += self.schedule_lr()
             self.optimizer.step()
             if cfg.optim.lr_unit == "step":
                 self.scheduler.step()
