@@ -161,3 +161,15 @@ def test_distillation_and_reducer_errors(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
     assert run_cli(tmp_path / "bad2", "token_drop.enabled=true", "token_drop.reducer_args={scroe: l2}") == 2
     assert "token_drop.reducer_args: topk has no argument 'scroe'" in capsys.readouterr().err
+
+
+def test_resume_of_a_run_written_before_new_keys_existed():
+    from tokendrop.train.config import Config
+    from tokendrop.train.trainer import config_differences
+
+    new = Config().to_dict()
+    old = Config().to_dict()
+    del old["token_drop"]["keep_rate"], old["distill"]
+    assert config_differences(old, new) == []
+    old["token_drop"]["final"] = 0.5
+    assert config_differences(old, new) == ["token_drop.final"]

@@ -49,9 +49,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
-    """The dotted keys (sorted) whose values differ between two config dicts, except those in ``ignore``."""
+    """The dotted keys (sorted) whose values differ between two config dicts, except those in ``ignore``. A key
+    one of them lacks (a run written before the key existed) counts as its default."""
+    defaults = _flatten(Config().to_dict())
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in a.keys() | b.keys() if k not in ignore and a.get(k) != b.get(k))
+    return sorted(k for k in a.keys() | b.keys()
+                  if k not in ignore and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
 
 
 class NonFiniteLossError(RuntimeError):
