@@ -140,7 +140,8 @@ def test_output_count_drives_expected_tokens_and_macs():
     assert td.expected_patch_tokens(model) == [9]
     x = torch.randn(1, 3, 32, 32)
     cls_row = 3 * 17 * 16  # the saliency q_cls·Kᵀ the site computes: heads × tokens × head width
-    assert attached_macs(model, 32) + cls_row == count_macs(model, x)
+    assert attached_macs(model, 32, overhead=False) + cls_row == count_macs(model, x)
+    assert attached_macs(model, 32) == count_macs(model, x)
     assert td.last_reduction(model).records[0].kept == 9
     # the fused token carries every patch the top-k dropped
     rec = td.last_reduction(model).records[0]

@@ -282,15 +282,45 @@ def analytic_macs(model: nn.Module, img_size: int | tuple[int, int],
     return total
 
 
-def attached_macs(model: nn.Module, img_size: int | tuple[int, int], training: bool = True) -> int:
+_CLS_ROW_INPUTS = frozenset({"cls_attention", "cls_attention_grad", "cls_attention_heads"})
+
+
+def site_input_macs(needs: frozenset[str], tokens: int, dim: int, num_heads: int) -> int:
+    """MACs per image a site spends computing the inputs a method asked for, with ``tokens`` tokens (prefix
+    included) in the block: the CLS row ``q_cls·Kᵀ`` (once, however many CLS-row inputs), the whole
+    attention ``Q·Kᵀ`` again, or the previous block's column sums (``Q·Kᵀ`` there). Norms, means and
+    softmaxes are elementwise and not counted, as everywhere here."""
+    head_dim = dim // num_heads
+    macs = num_heads * tokens * head_dim if needs & _CLS_ROW_INPUTS else 0
+    for name in ("attention", "prev_attention_colsum"):
+        if name in needs:
+            macs += num_heads * tokens * tokens * head_dim
+    return macs
+
+
+def attached_macs(model: nn.Module, img_size: int | tuple[int, int], training: bool = True,
+                  overhead: bool = True) -> int:
     """Closed-form forward MACs per image with the model's attached reduction sites at their current
     epoch (``training`` selects which sites are active); each site counts the tokens its reducer's
-    ``output_count`` says leave it, at its position."""
-    from ..reduction import site_token_counts
+    ``output_count`` says leave it, at its position. ``overhead`` adds what the sites and methods spend
+    deciding: the site inputs they ask for (:func:`site_input_macs`) and each method's own
+    ``extra_macs`` (predictor MLPs, similarities)."""
+    from ..reduction import site_plans
 
     prefix = int(getattr(model, "num_prefix_tokens", 1))
-    counts = site_token_counts(model, training)
-    keeps = {block: n for block, position, n in counts if position == "inside"}
-    before = {block: n for block, position, n in counts if position == "before"}
+    plans = site_plans(model, training)
+    keeps = {p.site.block: p.tokens_out for p in plans if p.site.position == "inside"}
+    before = {p.site.block: p.tokens_out for p in plans if p.site.position == "before"}
     tokens = block_token_counts(model.patch_embed.num_patches + prefix, prefix, len(model.blocks), keeps, before)
-    return analytic_macs(model, img_size, tokens)
+    total = analytic_macs(model, img_size, tokens)
+    if overhead:
+        for p in plans:
+            if not p.reduces:
+                continue
+            attn = model.blocks[p.site.block].attn
+            dim, heads = int(attn.qkv.in_features), int(attn.num_heads)
+            reducer = p.site.reducer
+            n_attn = tokens[p.site.block][0] if p.site.position == "inside" else prefix + p.tokens_in
+            total += site_input_macs(reducer.needs, n_attn, dim, heads)
+            total += int(reducer.extra_macs(p.tokens_in, p.keep, dim, heads))
+    return total

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Iterable, Union
 
 import torch
@@ -193,15 +194,25 @@ def aux_loss(model: nn.Module) -> torch.Tensor | float:
     return total
 
 
-def _plan(reg: Registry, training: bool, state: TokenState | None = None) -> list[tuple[Site, int, int, int]]:
-    """(site, patch tokens entering, keep target, patch tokens leaving) at the current epoch, without a
-    forward pass; the count leaving is the reducer's ``output_count`` (an upper bound where counts vary)."""
+@dataclass(frozen=True)
+class SitePlan:
+    """What a site will do at the current epoch, without a forward pass."""
+
+    site: Site
+    tokens_in: int  # patch tokens entering
+    keep: int  # the schedule's target
+    tokens_out: int  # patch tokens leaving: the reducer's output_count (an upper bound where counts vary)
+    reduces: bool  # whether the reducer runs at all
+
+
+def _plan(reg: Registry, training: bool, state: TokenState | None = None) -> list[SitePlan]:
+    """Every site's :class:`SitePlan` at the current epoch, in block order."""
     state = state if state is not None else TokenState(reg.num_prefix, reg.grid)
     n, out = state.num_patches, []
     for site in reg.sites:
         keep, reduce = site.plan(n, state, training)
         n_out = site.reducer.output_count(n, keep) if reduce else n
-        out.append((site, n, keep, n_out))
+        out.append(SitePlan(site, n, keep, n_out, reduce))
         n = n_out
     return out
 
@@ -211,13 +222,13 @@ def expected_patch_tokens(model: nn.Module, training: bool = True) -> list[int]:
     keep whole rings and sampling methods keep fewer, so the real count can differ; see
     :func:`last_reduction`."""
     reg = _registry(model)
-    return [] if reg is None else [n_out for *_, n_out in _plan(reg, training)]
+    return [] if reg is None else [p.tokens_out for p in _plan(reg, training)]
 
 
-def site_token_counts(model: nn.Module, training: bool = True) -> list[tuple[int, str, int]]:
-    """``(block, position, patch tokens leaving)`` per site at the current epoch (for MAC counting)."""
+def site_plans(model: nn.Module, training: bool = True) -> list[SitePlan]:
+    """What every site does at the current epoch (for MAC counting and logging)."""
     reg = _registry(model)
-    return [] if reg is None else [(s.block, s.position, n_out) for s, _, _, n_out in _plan(reg, training)]
+    return [] if reg is None else _plan(reg, training)
 
 
 def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
@@ -233,7 +244,7 @@ def prepare_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
     base = _unwrap(model)
     reg = _registry(base)
     plan = _plan(reg, training=True) if reg else []
-    grad_sites = [s for s, n, keep, _ in plan if "gradient" in s.reducer.needs and s.is_active(True) and (keep < n or s.always_reduce)]
+    grad_sites = [p.site for p in plan if "gradient" in p.site.reducer.needs and p.reduces]
     if not grad_sites:
         return False
     was_training = base.training

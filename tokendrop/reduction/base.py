@@ -71,7 +71,8 @@ class Reducer(nn.Module):
     * ``default_position`` — ``"inside"`` (between the attention residual and the MLP) or ``"before"``
       the block, used when ``attach(..., position=None)``;
     * :meth:`output_count` — patch tokens it returns for ``keep`` (an upper bound where counts vary);
-    * :meth:`begin_forward` — optional, to set up the token state before block 0.
+    * :meth:`begin_forward` — optional, to set up the token state before block 0;
+    * :meth:`extra_macs` — its own arithmetic per image, for honest MAC counts.
 
     Learned reducers own parameters (saved under ``blocks.{i}.token_site.reducer.*``) and may leave an
     auxiliary loss in ``self.aux_loss`` during a forward for the training loop (:func:`tokendrop.aux_loss`).
@@ -88,6 +89,11 @@ class Reducer(nn.Module):
     def output_count(self, n_in: int, keep: int) -> int:
         """Patch tokens leaving the site when ``keep`` of ``n_in`` are asked for (default: ``keep``)."""
         return keep
+
+    def extra_macs(self, n_in: int, keep: int, dim: int, num_heads: int) -> int:
+        """Multiply-accumulates per image the method itself spends beyond the site inputs it asked for
+        (predictor MLPs, similarity matrices, cluster assignments), for the analytic MAC count."""
+        return 0
 
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         raise NotImplementedError
