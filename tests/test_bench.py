@@ -229,3 +229,20 @@ def test_bad_arguments(argv, flag, capsys):
 def test_missing_cuda_is_a_usage_error(capsys):
     assert run(parse(["--model", "hybrid_vit_tiny", "--device", "cuda"])) == 2
     assert "--device" in capsys.readouterr().err
+
+
+def test_reducer_option_benchmarks_any_method(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
+                    "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "data", "--reducer", "topk",
+                    "--reducer-args", "{score: l2}", "--json", str(out), "--no-progress"]))
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["reducer"] == "topk" and report["settings"]["reducer_args"] == {"score": "l2"}
+    drop = {r["drop_ratio"]: r for r in report["rows"]}[0.5]
+    # the radial score acts before block 0, so block 0's attention already sees the ring it keeps
+    assert drop["kept_tokens"] == [32] and drop["macs_agreement_pct"] < 2.0
+    assert run(parse(["--model", "hybrid_vit_tiny", "--reducer", "nope"])) == 2
+    assert "--reducer: reducer: unknown method 'nope'" in capsys.readouterr().err
+    assert run(parse(["--model", "hybrid_vit_tiny", "--reducer-args", "{scroe: l2}"])) == 2
+    assert "no argument 'scroe'" in capsys.readouterr().err

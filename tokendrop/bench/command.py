@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", nargs="+", default=["0"], metavar="B",
                         help="0-based block indices; each is benchmarked as a single drop site (default 0)")
     parser.add_argument("--batch-sizes", nargs="+", default=["32"], metavar="N", help="batch sizes (default 32)")
+    parser.add_argument("--reducer", default="topk", metavar="NAME",
+                        help="reduction method of the grid (any name in tokendrop.REDUCERS; default topk by CLS attention)")
+    parser.add_argument("--reducer-args", default="{}", metavar="YAML",
+                        help="the method's arguments as a YAML mapping, e.g. '{score: random}' (default none)")
     parser.add_argument("--config", action="append", default=[], metavar="CONFIG",
                         help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -116,6 +120,8 @@ class Options:
     seed: int
     skip: set[str]
     memory_blocks: list[int]
+    reducer: str = "topk"
+    reducer_args: dict = dataclasses.field(default_factory=dict)
 
 
 def check_args(args: argparse.Namespace) -> Options:
@@ -177,16 +183,39 @@ def check_args(args: argparse.Namespace) -> Options:
         configs.append((name, cfg))
     if args.set and not args.config:
         raise UsageError("--set: only applies to a --config")
+    reducer, reducer_args = _check_reducer(args.reducer, args.reducer_args)
     return Options(models, depths, drops, blocks, batch_sizes, configs, device,
                    _one(args.rounds, "--rounds", 1), _one(args.warmup, "--warmup", 0),
                    _one(args.memory_steps, "--memory-steps", 0), _one(args.data_batches, "--data-batches", 0),
-                   _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks)
+                   _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks,
+                   reducer, reducer_args)
+
+
+def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
+    """``--reducer`` and ``--reducer-args`` checked against the method registry."""
+    import yaml
+
+    from ..reduction import reducer as build_reducer
+
+    try:
+        args = yaml.safe_load(raw) if raw.strip() else {}
+    except yaml.YAMLError:
+        raise UsageError(f"--reducer-args: {raw!r} is not a YAML mapping") from None
+    if not isinstance(args, dict):
+        raise UsageError(f"--reducer-args: {raw!r} is not a mapping of argument names to values")
+    try:
+        build_reducer(name, **args)
+    except ValueError as e:
+        raise UsageError(f"--reducer: {e}") from None
+    return name, args
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
+    if args.reducer != "topk" or args.reducer_args.strip() not in ("", "{}"):
+        parts += ["--reducer", args.reducer, "--reducer-args", args.reducer_args]
     for c in args.config:
         parts += ["--config", c]
     for s in args.set:
@@ -272,7 +301,8 @@ def measure(opts: Options, progress: bool = True) -> dict:
                               "settings": {"models": opts.models, "drop_ratios": opts.drops, "blocks": opts.blocks,
                                            "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                                            "warmup": opts.warmup, "memory_steps": opts.memory_steps,
-                                           "memory_blocks": opts.memory_blocks,
+                                           "memory_blocks": opts.memory_blocks, "reducer": opts.reducer,
+                                           "reducer_args": opts.reducer_args,
                                            "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed},
                               "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
     kwargs = {"num_classes": BENCH_NUM_CLASSES}
@@ -282,7 +312,8 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 for block in opts.blocks:
                     bar.set_description(f"{name} b{block} bs{batch}")
                     torch.manual_seed(opts.seed)
-                    probe = S.DropProbe(build_model(name, **kwargs), [block])
+                    probe = S.DropProbe(build_model(name, **kwargs), [block], reducer=opts.reducer,
+                                        reducer_args=opts.reducer_args)
                     rows = S.measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
                                            infer="inference" not in opts.skip, count="counts" not in opts.skip,
                                            seed=opts.seed, on_round=tick)
@@ -291,7 +322,8 @@ def measure(opts: Options, progress: bool = True) -> dict:
                         bar.set_description(f"{name} b{block} bs{batch} memory")
                         for r in rows:
                             spec = S.MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
-                                                torch.get_num_threads(), str(device), opts.seed)
+                                                torch.get_num_threads(), str(device), opts.seed, opts.reducer,
+                                                opts.reducer_args)
                             mem = S.peak_train_memory(spec)
                             if mem is not None:
                                 r.peak_memory_mb = mem.peak_bytes / 2**20
@@ -342,7 +374,8 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
         epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
     else:
         schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs
-    probe = S.DropProbe(model, blocks, score=td.score, relative_to=td.relative_to)
+    probe = S.DropProbe(model, blocks, score=td.score, relative_to=td.relative_to, reducer=td.reducer,
+                        reducer_args=td.reducer_args)
     measured_bs = min(bs, max(opts.batch_sizes))
     rows = S.measure_drops(cfg.model.name, probe, S.drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
                            opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick)

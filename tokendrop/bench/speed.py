@@ -44,8 +44,8 @@ from torch import nn
 from ..device import pick_device
 
 from ..models import build_model
-from ..methods import TopK
 from ..reduction import Schedule, attach, expected_patch_tokens, prepare_step, sites
+from ..reduction import reducer as build_reducer
 from .flops import attached_macs, count_macs, count_train_macs
 
 __all__ = [
@@ -144,20 +144,26 @@ def input_batch(model: nn.Module, batch_size: int, device: torch.device, seed: i
 
 
 class DropProbe:
-    """A backbone with Top-K sites at ``blocks`` whose drop ratio is set directly (one shared :class:`FixedDrop`).
+    """A backbone with reduction sites at ``blocks`` whose drop ratio is set directly (one shared
+    :class:`FixedDrop`). The method is ``reducer`` (a registered name, default Top-K) with ``reducer_args``
+    (default ``score``); every site of the probe uses it at its default position.
 
     ``when="always"``: the reducer runs in training and in inference, so both can be timed reduced.
     ``always_reduce`` runs saliency and top-k even at d = 0 (nothing dropped): the saliency overhead.
     """
 
     def __init__(self, model: nn.Module, blocks: Sequence[int], score: str = "cls_attention",
-                 relative_to: str = "entering", always_reduce: bool = False) -> None:
+                 relative_to: str = "entering", always_reduce: bool = False, reducer: str = "topk",
+                 reducer_args: dict | None = None) -> None:
         self.model = model
         self.schedule = FixedDrop(0.0)
-        attach(model, TopK(score), blocks=list(blocks), schedule=self.schedule, when="always",
+        args = dict(reducer_args or {})
+        if reducer == "topk":
+            args.setdefault("score", score)
+        attach(model, build_reducer(reducer, **args), blocks=list(blocks), schedule=self.schedule, when="always",
                relative_to=relative_to, always_reduce=always_reduce)
         self.blocks = [s.block for s in sites(model)]
-        self.needs_gradient = score == "gradient"
+        self.needs_gradient = any("gradient" in s.reducer.needs for s in sites(model))
 
     def set(self, drop: float) -> None:
         """Make every site drop ``drop`` of the patch tokens entering it."""
@@ -461,7 +467,7 @@ def measure_overheads(name: str, model: nn.Module, block: int, batch_size: int, 
 # ------------------------------------------------------------------------------------------- memory
 @dataclass
 class MemorySpec:
-    """What a memory measurement builds: ``build_model(model, **model_kwargs)`` with Top-K sites at
+    """What a memory measurement builds: ``build_model(model, **model_kwargs)`` with ``reducer`` sites at
     ``blocks`` dropping ``drop_ratio``, trained for ``steps`` steps at ``batch_size``."""
 
     model: str
@@ -473,6 +479,8 @@ class MemorySpec:
     threads: int = 0
     device: str = "cpu"
     seed: int = 0
+    reducer: str = "topk"
+    reducer_args: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -504,7 +512,7 @@ def _maxrss_bytes() -> int:
 def _build_for_memory(spec: MemorySpec, device: torch.device) -> TrainStep:
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, **spec.model_kwargs).to(device)
-    probe = DropProbe(model, spec.blocks)
+    probe = DropProbe(model, spec.blocks, reducer=spec.reducer, reducer_args=spec.reducer_args)
     probe.set(spec.drop_ratio)
     images, targets = input_batch(model, spec.batch_size, device, spec.seed)
     return TrainStep(model, images, targets)
