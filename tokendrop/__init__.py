@@ -13,6 +13,7 @@ from typing import Any
 
 from . import methods  # noqa: F401  (registers every method)
 from .methods import TopK
+from .methods.tome import tome
 from .models import BACKBONES, build_model
 from .reduction import (
     Constant, Cosine, Curriculum, Linear, Reducer, Schedule, SiteFacts, SiteInputs, Step, TokenState, attach, aux_loss,
