@@ -1,6 +1,9 @@
 """A naive timm ViT forward for the method tests: explicit attention matrices with an additive per-key
 logit bias, block by block, written from the pre-norm ViT definition (never calling tokendrop)."""
 
+import copy
+import functools
+
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -8,7 +11,12 @@ from timm.models.deit import VisionTransformerDistilled
 
 
 def deit_tiny(distilled=False, seed=0):
-    """A random-weight DeiT-Tiny (P = 196), seeded, in eval mode."""
+    """A random-weight DeiT-Tiny (P = 196), seeded, in eval mode (a fresh copy: building one is slow)."""
+    return copy.deepcopy(_deit_tiny(distilled, seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _deit_tiny(distilled, seed):
     torch.manual_seed(seed)
     name = "deit_tiny_distilled_patch16_224" if distilled else "deit_tiny_patch16_224"
     return timm.create_model(name, pretrained=False).eval()

@@ -20,9 +20,9 @@ def naive_tome_merge(x, size, metric, r, num_prefix):
         return x, size
     a_pos, b_pos = list(range(0, t, 2)), list(range(1, t, 2))
     unit = metric / metric.norm(dim=-1, keepdim=True)
+    cosine = (unit[a_pos] @ unit[b_pos].T).tolist()
     best = []  # (score, B slot) per A token
-    for a in a_pos:
-        row = (unit[b_pos] @ unit[a]).tolist()
+    for a, row in zip(a_pos, cosine):
         sims = [-math.inf if (a < num_prefix or b < num_prefix) else s for b, s in zip(b_pos, row)]
         j = max(range(len(b_pos)), key=lambda j: sims[j])
         best.append((sims[j], j))
