@@ -22,6 +22,7 @@ from ._version import __version__
 
 _EXPORTS = {
     ".methods": ("TopK",),
+    ".methods.tome": ("tome",),
     ".models": ("BACKBONES", "build_model"),
     ".reduction": ("Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Remove", "Schedule", "SiteFacts",
                    "SiteInputs", "Step", "TokenState", "attach", "aux_loss", "detach", "expected_patch_tokens",
@@ -34,6 +35,7 @@ __all__ = sorted([*_MODULE_OF, "REDUCERS"])
 
 if TYPE_CHECKING:
     from .methods import TopK
+    from .methods.tome import tome
     from .models import BACKBONES, build_model
     from .reduction import (
         Constant, Cosine, Curriculum, Linear, Reducer, Remove, Schedule, SiteFacts, SiteInputs, Step, TokenState,

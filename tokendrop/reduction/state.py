@@ -4,7 +4,8 @@ One :class:`TokenState` lives from the model's first block to its head. It says,
 sequence ``(B, prefix + N, C)``:
 
 * ``source[b, j]`` — an original patch (row-major on ``grid``) that patch token ``j`` stands for: the patch
-  itself after pruning, the smallest patch index of its members after merging;
+  itself after pruning, the smallest patch index of its members after merging (or the centre patch a
+  hard clustering names);
 * ``assignment[b, p]`` — for every original patch ``p``, the current patch token carrying it, or −1 when
   it was pruned (the full patch → token map; merges carry every patch somewhere);
 * ``size[b, t]`` — how many original tokens token ``t`` stands for (prefix included; ``None`` = all 1).
@@ -125,12 +126,14 @@ class TokenState:
         return out
 
     def replace(self, x: torch.Tensor, patches: torch.Tensor, dst: torch.Tensor, size: torch.Tensor | None = None,
-                present: torch.Tensor | None = None) -> torch.Tensor:
+                present: torch.Tensor | None = None, source: torch.Tensor | None = None) -> torch.Tensor:
         """Replace the patch tokens of ``x`` by ``patches`` (B, M, C) that a method computed. ``dst`` (B, N)
         gives for every current patch token the new token carrying it (its cluster; the arg-max slot of a
         soft merge), or −1 when it is dropped. ``size`` (B, M) overrides the new tokens' sizes (soft merges
         pass their weight sums); by default sizes of the members add up. ``present`` (B, M) marks padding
-        slots (False); by default every new token is present. The prefix is kept."""
+        slots (False); by default every new token is present. ``source`` (B, M) names the original patch
+        each new token stands for (a hard clustering's centre, e.g. from :meth:`current_source` at the
+        medoid); by default the smallest patch among its members. The prefix is kept."""
         p = self.num_prefix
         B, n = dst.shape
         m = patches.shape[1]
@@ -143,9 +146,11 @@ class TokenState:
             size = old.new_zeros(B, m + 1).scatter_add_(1, slot, old)[:, :m]
         prefix_size = self.size[:, :p] if self.size is not None else size.new_ones(B, p)
         self.size = torch.cat([prefix_size, size.float()], dim=1)
-        src = self.current_source(x).masked_fill(~carried, self.num_patches)
-        rep = src.new_full((B, m + 1), self.num_patches).scatter_reduce_(1, slot, src, "amin")[:, :m]
-        self.source = rep.masked_fill(rep == self.num_patches, -1)
+        if source is None:
+            src = self.current_source(x).masked_fill(~carried, self.num_patches)
+            rep = src.new_full((B, m + 1), self.num_patches).scatter_reduce_(1, slot, src, "amin")[:, :m]
+            source = rep.masked_fill(rep == self.num_patches, -1)
+        self.source = source
         self._remap(x, slot.masked_fill(slot == m, -1))
         if present is not None or self.key_mask is not None:
             present = present if present is not None else torch.ones(B, m, dtype=torch.bool, device=x.device)
