@@ -332,3 +332,23 @@ def test_whole_attention_input():
         a = model.blocks[0].attn
         q, k, v = (y @ a.qkv.weight.T + a.qkv.bias).reshape(1, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
     torch.testing.assert_close(got["A"], (q @ k.transpose(-1, -2) / 4.0).softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_registry_builds_site_dependent_methods_per_site():
+    class Sized(FirstK):
+        def __init__(self, dim, keep, scale=1.0):
+            super().__init__()
+            self.dim, self.k, self.scale = dim, keep, scale
+
+    td.register_reducer("test_sized")(Sized)
+    try:
+        factory = td.reducer("test_sized", scale=2.0)
+        assert not isinstance(factory, td.Reducer) and callable(factory)
+        model = small_vit()
+        td.attach(model, "test_sized", blocks=[1, 3], schedule=td.Constant(0.5), when="always")
+        made = [s.reducer for s in td.sites(model)]
+        assert [(r.dim, r.k, r.scale) for r in made] == [(48, 8, 1.0), (48, 4, 1.0)]
+        fixed = td.reducer("test_sized", dim=7, keep=3)
+        assert isinstance(fixed, Sized) and fixed.dim == 7
+    finally:
+        _REDUCERS.pop("test_sized")

@@ -1,4 +1,4 @@
-"""Command line: ``tokendrop {train,eval,plot,demo,configs,bench}`` (also ``python -m tokendrop``).
+"""Command line: ``tokendrop {train,eval,plot,demo,configs,bench,analyze,sweep,show}`` (also ``python -m tokendrop``).
 
 Building the parser imports nothing heavy (no torch, timm or numpy), so ``--help`` and ``--version`` answer
 at once; each command imports what it needs when it runs.
@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure speed, MACs and memory of token drop against the ideal")
     add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    from .analysis.cli_args import add_analysis_commands
+
+    add_analysis_commands(sub)
     return parser
 
 

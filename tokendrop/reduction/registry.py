@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import importlib
+import dataclasses
 import inspect
 from typing import Any, Callable, TypeVar
 
-from .base import Reducer
+from .base import Reducer, SiteFacts
 
 R = TypeVar("R", bound=type[Reducer])
 _REDUCERS: dict[str, type[Reducer]] = {}
@@ -53,12 +54,35 @@ def reducer_arguments(name: str) -> tuple[str, ...]:
                                                                              inspect.Parameter.VAR_KEYWORD))
 
 
-def reducer(name: str, **kwargs: Any) -> Reducer:
-    """Build the reducer registered as ``name`` with ``kwargs``. An unknown name or argument raises
-    ``ValueError`` naming it and listing what is allowed."""
+SITE_ARGUMENTS = tuple(f.name for f in dataclasses.fields(SiteFacts))
+"""Constructor arguments a method may leave to the site: ``block``, ``dim``, ``num_heads``, ``tokens_in``,
+``keep`` (the :class:`SiteFacts` fields)."""
+
+
+def _site_dependent(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """The required constructor arguments of ``name`` that are site facts and not given in ``kwargs``."""
+    params = inspect.signature(reducer_class(name).__init__).parameters
+    return [p for p in SITE_ARGUMENTS if p in params and p not in kwargs and params[p].default is inspect.Parameter.empty]
+
+
+def reducer(name: str, **kwargs: Any) -> Reducer | Callable[[SiteFacts], Reducer]:
+    """Build the reducer registered as ``name`` with ``kwargs``. A method whose required constructor
+    arguments include site facts (``dim``, ``num_heads``, ``keep``, ``tokens_in``, ``block``) not given
+    here comes back as a per-site factory that :func:`tokendrop.attach` calls with each site's
+    :class:`SiteFacts`. An unknown name or argument raises ``ValueError`` naming it and listing what is
+    allowed."""
     allowed = reducer_arguments(name)
     unknown = [k for k in kwargs if k not in allowed]
     if unknown:
         raise ValueError(f"reducer_args: {name} has no argument {unknown[0]!r} "
                          f"(allowed: {', '.join(allowed) if allowed else 'none'})")
-    return reducer_class(name)(**kwargs)
+    cls = reducer_class(name)
+    from_site = _site_dependent(name, kwargs)
+    if not from_site:
+        return cls(**kwargs)
+
+    def per_site(facts: SiteFacts) -> Reducer:
+        return cls(**kwargs, **{arg: getattr(facts, arg) for arg in from_site})
+
+    per_site.__qualname__ = f"{cls.__name__}.per_site({', '.join(from_site)})"
+    return per_site
