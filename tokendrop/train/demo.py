@@ -55,7 +55,7 @@ class SpeedupCheck:
     """A whole-run training speed-up from paired epoch times, judged against the arithmetic ideal."""
 
     speedup: float  # sum of the baseline's epoch times over the sum of the PTD run's
-    noise: float  # largest |baseline/PTD − 1| over the epochs where both do identical work; nan if none
+    noise: float  # largest max(r, 1/r) − 1 of the paired ratios r at epochs of identical work; nan if none
     ideal: float  # 1 / (the schedule's MAC ratio)
     verdict: str  # "ok", "above-ideal" (faster than the arithmetic allows) or "noisy" (noise ≥ the gain)
 
@@ -68,7 +68,8 @@ def check_speedup(base_times: Sequence[float], ptd_times: Sequence[float], same_
     if not (len(base_times) == len(ptd_times) == len(same_work)) or not base_times:
         raise ValueError("check_speedup: needs one baseline time, PTD time and same-work flag per epoch")
     speedup = sum(base_times) / sum(ptd_times)
-    deviations = [abs(b / p - 1) for b, p, same in zip(base_times, ptd_times, same_work) if same]
+    # symmetric in which run was slowed: a ratio of 1/2 counts as much as 2
+    deviations = [max(b / p, p / b) - 1 for b, p, same in zip(base_times, ptd_times, same_work) if same]
     noise = max(deviations) if deviations else math.nan
     margin = 0.0 if math.isnan(noise) else noise
     if speedup > ideal + margin:
@@ -127,7 +128,7 @@ def _train_interleaved(trainers: list[Trainer]) -> None:
             if epoch in t.epochs():
                 t.run_epoch(epoch)
         elapsed = time.perf_counter() - start
-        print(f"demo: epoch {epoch + 1} done for both runs, {elapsed / 60:.1f} min so far, "
+        print(f"demo: epoch {epoch + 1}/{rounds[-1] + 1} done, {elapsed / 60:.1f} min so far, "
               f"about {elapsed / i * (len(rounds) - i) / 60:.1f} min left", file=sys.stderr)
     for t in trainers:
         t.finish()
