@@ -12,6 +12,7 @@ Every method is registered by name: ``td.REDUCERS`` lists them, ``td.reducer(nam
 from typing import Any
 
 from . import methods  # noqa: F401  (registers every method)
+from . import tpc
 from .methods import TopK
 from .models import BACKBONES, build_model
 from .reduction import (
@@ -20,13 +21,14 @@ from .reduction import (
     set_epoch, sites,
 )
 from .reduction.registry import reducer_names
+from .tpc import attach_tpc
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKBONES", "REDUCERS", "Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Schedule", "SiteFacts",
-    "SiteInputs", "Step", "TokenState", "TopK", "attach", "aux_loss", "build_model", "detach", "expected_patch_tokens",
-    "keep_count", "last_reduction", "make_schedule", "prepare_step", "reducer", "register_reducer", "Remove", "set_epoch", "sites",
+    "SiteInputs", "Step", "TokenState", "TopK", "attach", "attach_tpc", "aux_loss", "build_model", "detach", "expected_patch_tokens",
+    "keep_count", "last_reduction", "make_schedule", "prepare_step", "reducer", "register_reducer", "Remove", "set_epoch", "sites", "tpc",
 ]
 
 
