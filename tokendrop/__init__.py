@@ -23,12 +23,14 @@ from ._version import __version__
 _EXPORTS = {
     ".methods": ("TopK",),
     ".methods.tome": ("tome",),
+    ".tpc": ("attach_tpc",),
     ".models": ("BACKBONES", "build_model"),
     ".reduction": ("Constant", "Cosine", "Curriculum", "Linear", "Reducer", "Remove", "Schedule", "SiteFacts",
                    "SiteInputs", "Step", "TokenState", "attach", "aux_loss", "detach", "expected_patch_tokens",
                    "keep_count", "last_reduction", "make_schedule", "prepare_step", "reducer", "register_reducer",
                    "set_epoch", "sites"),
 }
+_SUBPACKAGES = ("analysis", "methods", "models", "reduction", "tpc")
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted([*_MODULE_OF, "REDUCERS"])
@@ -36,6 +38,7 @@ __all__ = sorted([*_MODULE_OF, "REDUCERS"])
 if TYPE_CHECKING:
     from .methods import TopK
     from .methods.tome import tome
+    from .tpc import attach_tpc
     from .models import BACKBONES, build_model
     from .reduction import (
         Constant, Cosine, Curriculum, Linear, Reducer, Remove, Schedule, SiteFacts, SiteInputs, Step, TokenState,
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     """Import what defines ``name`` on first use (PEP 562). ``REDUCERS``: the names of every registered
     method, including ones registered after import."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name != "REDUCERS" and name not in _MODULE_OF:
         raise AttributeError(f"module 'tokendrop' has no attribute {name!r}")
     for module in _EXPORTS:  # all at once: the models register with timm, the methods by name

@@ -8,7 +8,7 @@ block never copies or re-creates parameters.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ COLSUM_CHUNK = 256
 
 def attend(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = None,
            policy: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
-           needs: Collection[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+           needs: Collection[str] = (),
+           logit_bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Multi-head self-attention of ``x`` (B, T, C) with the parameters of timm ``Attention`` ``attn``.
 
     ``key_bias`` (B, T), optional, is added to every attention logit of the matching key: the most
@@ -31,6 +33,8 @@ def attend(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = Non
     ``policy`` (B, T) in [0, 1], optional, is DynamicViT's training-time soft mask: query ``i`` weights key
     ``j`` by ``policy_j`` (1 for ``j = i``), ``attn = (e ⊙ P + ε/T) / (Σ e ⊙ P + ε)`` in float32 — an
     explicit ``T × T`` path, used only while a policy is active.
+    ``logit_bias``, optional, is called with the (normed) queries and keys (B, H, T, D) and returns an
+    additive logit bias (B, H or 1, T, T) per query and key (TPC-ViT's κ-nearest-key stabiliser).
     ``needs`` names extra outputs, returned in a dict over all T tokens: ``cls_attention`` (B, T, mean over
     heads, detached, float32), ``cls_attention_grad`` (the same with gradient), ``cls_attention_heads``
     (B, H, T), ``value_norms`` (B, H, T), ``keys`` (B, T, D, mean over heads), ``attention_colsum`` (B, T:
@@ -44,7 +48,11 @@ def attend(attn: nn.Module, x: torch.Tensor, key_bias: torch.Tensor | None = Non
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     # Cast to the attention's dtype, keeping absent keys finite there (a fully masked row must not be NaN).
-    mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype).clamp_min(torch.finfo(q.dtype).min)
+    bias = None if key_bias is None else key_bias[:, None, None, :].float()
+    if logit_bias is not None:
+        extra = logit_bias(q, k).float()
+        bias = extra if bias is None else bias + extra
+    mask = None if bias is None else bias.clamp_min(torch.finfo(q.dtype).min).to(q.dtype)
     if policy is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     else:

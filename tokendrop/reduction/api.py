@@ -16,6 +16,7 @@ from .site import Position, ReducingBlock, Registry, Site, When, patched_class
 from .state import TokenState
 
 _REGISTRY_ATTR = "_tokendrop_registry"
+_EXTENSIONS_ATTR = "_tokendrop_extensions"
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
 
@@ -86,6 +87,9 @@ def attach(model: nn.Module, reducer: ReducerSpec, blocks: Iterable[int] = (0,),
         missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
         if missing or not hasattr(block.attn, "qkv"):
             raise TypeError(f"block {i} ({type(block).__name__}) is not a timm pre-norm ViT Block (missing {missing or ['attn.qkv']})")
+    if extensions(base):
+        raise ValueError(f"model: a whole-model controller ({type(extensions(base)[0]).__name__}) is attached; "
+                         "tokendrop.detach(model) first")
     reg = _registry(base, create=True)
     taken = [b for b in blocks if b in reg.site_at]
     if taken:
@@ -148,9 +152,22 @@ def _site_facts(base: nn.Module, reg: Registry, block: int, schedule: Schedule, 
     return SiteFacts(block, int(attn.qkv.in_features), int(attn.num_heads), n, probe.target_keep(n, state))
 
 
+def add_extension(model: nn.Module, extension: nn.Module) -> None:
+    """Register a whole-model controller that patched ``model`` itself (e.g. TPC-ViT's halting): its
+    ``aux_loss`` is collected by :func:`aux_loss` and its ``undo(model)`` is called by :func:`detach`."""
+    _unwrap(model).__dict__.setdefault(_EXTENSIONS_ATTR, []).append(extension)
+
+
+def extensions(model: nn.Module) -> list[nn.Module]:
+    """The whole-model controllers registered with :func:`add_extension`."""
+    return list(_unwrap(model).__dict__.get(_EXTENSIONS_ATTR, ()))
+
+
 def detach(model: nn.Module) -> nn.Module:
-    """Remove every reduction site, restoring the original block classes. Returns ``model``."""
+    """Remove every reduction site and whole-model controller, restoring the original classes. Returns ``model``."""
     base = _unwrap(model)
+    for extension in base.__dict__.pop(_EXTENSIONS_ATTR, ()):
+        extension.undo(base)
     reg = _registry(base)
     if reg is None:
         return model
@@ -183,14 +200,15 @@ def last_reduction(model: nn.Module) -> TokenState | None:
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | float:
-    """Sum of the auxiliary losses that learned reducers left in ``reducer.aux_loss`` during the last
-    forward (0.0 when none); each is cleared once read. The training loop adds it to the task loss."""
+    """Sum of the auxiliary losses that learned reducers (``reducer.aux_loss``) and whole-model controllers
+    (``extension.aux_loss``) left during the last forward (0.0 when none); each is cleared once read. The
+    training loop adds it to the task loss."""
     total: torch.Tensor | float = 0.0
-    for site in sites(model):
-        loss = getattr(site.reducer, "aux_loss", None)
+    for holder in [*(site.reducer for site in sites(model)), *extensions(model)]:
+        loss = getattr(holder, "aux_loss", None)
         if loss is not None:
             total = total + loss
-            site.reducer.aux_loss = None
+            holder.aux_loss = None
     return total
 
 
