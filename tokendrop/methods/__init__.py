@@ -4,5 +4,6 @@
 from .ats import ATS
 from .evit import EViT
 from .topk import TopK
+from .zero_tp import ZeroTP
 
-__all__ = ["ATS", "EViT", "TopK"]
+__all__ = ["ATS", "EViT", "TopK", "ZeroTP"]
