@@ -67,8 +67,8 @@ def similar_tokens(keys: torch.Tensor, importance: torch.Tensor, candidates: tor
     half = n // 2
     group_b, group_a = order[:, :half], order[:, half:]
     unit = F.normalize(keys.float(), dim=-1)
-    gather = lambda ids: torch.gather(unit, 1, ids[..., None].expand(-1, -1, unit.shape[-1]))  # noqa: E731
-    best = (gather(group_a) @ gather(group_b).transpose(1, 2)).amax(dim=-1)  # (B, |A|)
+    rows_a, rows_b = (torch.gather(unit, 1, g[..., None].expand(-1, -1, unit.shape[-1])) for g in (group_a, group_b))
+    best = (rows_a @ rows_b.transpose(1, 2)).amax(dim=-1)  # (B, |A|): each A token's most similar B token
     pruned = torch.gather(group_a, 1, best.topk(r, dim=1).indices)
     return torch.zeros_like(candidates).scatter_(1, pruned, True)
 
