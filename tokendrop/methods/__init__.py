@@ -1,9 +1,12 @@
 """Token-reduction methods, one file each, registered by name with
 :func:`tokendrop.reduction.registry.register_reducer` (importing this package registers them all)."""
 
+from .ats import ATS
 from .dpcknn import DPCKNN
+from .evit import EViT
 from .kmedoids import KMedoids
 from .tome import ToMe
 from .topk import TopK
+from .zero_tp import ZeroTP
 
-__all__ = ["TopK"]
+__all__ = ["ATS", "DPCKNN", "EViT", "KMedoids", "ToMe", "TopK", "ZeroTP"]

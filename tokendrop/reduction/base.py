@@ -95,5 +95,10 @@ class Reducer(nn.Module):
         (predictor MLPs, similarity matrices, cluster assignments), for the analytic MAC count."""
         return 0
 
+    #: True when ``keep`` is a budget, not a count (ATS draws ``keep`` samples and keeps the distinct
+    #: tokens hit): the site then runs whenever it is active and passes the schedule's target even where
+    #: it is not below the tokens entering (``relative_to="original"`` does not cap it).
+    keep_is_budget: bool = False
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -112,7 +112,8 @@ class Site(nn.Module):
         keep = self.schedule.keep(n_entering, self.epoch)
         state.keep_fraction *= self.schedule.fraction_kept(n_entering, self.epoch)
         if self.relative_to == "original":
-            return min(n_entering, max(1, truncate(state.num_patches * state.keep_fraction)))
+            keep = max(1, truncate(state.num_patches * state.keep_fraction))
+            return keep if self.reducer.keep_is_budget else min(n_entering, keep)
         return keep
 
     def plan(self, n_in: int, state: TokenState, training: bool) -> tuple[int, bool]:
@@ -120,7 +121,7 @@ class Site(nn.Module):
         if not self.is_active(training):
             return n_in, False
         keep = self.target_keep(n_in, state)
-        return keep, keep < n_in or self.always_reduce
+        return keep, keep < n_in or self.always_reduce or self.reducer.keep_is_budget
 
     def reduce(self, x: torch.Tensor, keep: int, state: TokenState, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hand the reducer the inputs it declared, apply it and record what it did."""
