@@ -352,3 +352,14 @@ def test_registry_builds_site_dependent_methods_per_site():
         assert isinstance(fixed, Sized) and fixed.dim == 7
     finally:
         _REDUCERS.pop("test_sized")
+
+
+def test_method_overhead_macs_match_the_counter():
+    """ToMe's matching scores are a matmul FlopCounterMode sees: the analytic count with the method's
+    extra_macs equals the measured one; without it, it falls short by exactly the hand formula."""
+    model = small_vit()
+    td.attach(model, "tome", blocks=[1, 3], schedule=td.Remove(4), when="always")
+    x = torch.randn(1, 3, 32, 32)
+    scores = (16 // 2) * (16 - 16 // 2) * 16 + (12 // 2) * (12 - 12 // 2) * 16  # |A|·|B|·head width, per site
+    assert attached_macs(model, 32) == count_macs(model, x)
+    assert attached_macs(model, 32, overhead=False) + scores == count_macs(model, x)

@@ -92,6 +92,10 @@ class DPCKNN(Reducer):
             return NOISE * torch.rand(shape, device=device)
         return NOISE * torch.rand(shape, generator=self.generator, device=self.generator.device).to(device)
 
+    def extra_macs(self, n_in: int, keep: int, dim: int, num_heads: int) -> int:
+        """Pairwise distances of the patch tokens, the token-weight Linear and the weighted merge."""
+        return n_in * n_in * dim + 2 * n_in * dim
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         state = inputs.state
         n = check_clusters("dpcknn", keep, state, x)

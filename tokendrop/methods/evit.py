@@ -37,6 +37,10 @@ class EViT(Reducer):
     def output_count(self, n_in: int, keep: int) -> int:
         return keep + 1 if keep < n_in else n_in
 
+    def extra_macs(self, n_in: int, keep: int, dim: int, num_heads: int) -> int:
+        """The fused token ``Σ a_j x_j`` (computed over every patch token, zero weight on the kept ones)."""
+        return n_in * dim
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         state = inputs.state
         n = x.shape[1] - state.num_prefix

@@ -61,6 +61,10 @@ class KMedoids(Reducer):
     def begin_forward(self, state: TokenState, x: torch.Tensor, training: bool) -> None:
         state.size_bias = False
 
+    def extra_macs(self, n_in: int, keep: int, dim: int, num_heads: int) -> int:
+        """The pairwise distances ``‖z_i − z_j‖`` of the patch tokens (the iterations only add and compare)."""
+        return n_in * n_in * dim
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         state = inputs.state
         check_clusters("kmedoids", keep, state, x)

@@ -78,6 +78,10 @@ class ToMe(Reducer):
     def output_count(self, n_in: int, keep: int) -> int:
         return n_in - merged_count(n_in, keep)
 
+    def extra_macs(self, n_in: int, keep: int, dim: int, num_heads: int) -> int:
+        """The bipartite scores ``A·Bᵀ`` over the patch tokens on head-mean keys of width ``dim / heads``."""
+        return (n_in // 2) * (n_in - n_in // 2) * (dim // num_heads)
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         state = inputs.state
         if state.key_mask is not None:
