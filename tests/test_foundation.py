@@ -331,3 +331,25 @@ def test_whole_attention_input():
         a = model.blocks[0].attn
         q, k, v = (y @ a.qkv.weight.T + a.qkv.bias).reshape(1, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)
     torch.testing.assert_close(got["A"], (q @ k.transpose(-1, -2) / 4.0).softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_new_sites_take_the_model_mode_and_scratch_is_per_forward():
+    seen = []
+
+    class Counting(FirstK):
+        def begin_forward(self, state, x, training):
+            state.scratch["counting"] = state.scratch.get("counting", 0) + 1
+
+        def forward(self, x, keep, inputs):
+            seen.append((self.training, inputs.state.scratch["counting"]))
+            return super().forward(x, keep, inputs)
+
+    model = small_vit()  # in eval mode
+    td.attach(model, Counting(), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [(False, 2)] * 4  # eval sites; two sites counted afresh in each forward
+    trained = small_vit().train()
+    td.attach(trained, FirstK(), blocks=[2], schedule=td.Constant(0.5))
+    assert td.sites(trained)[0].training and td.sites(trained)[0].reducer.training
