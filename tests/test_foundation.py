@@ -363,3 +363,25 @@ def test_method_overhead_macs_match_the_counter():
     scores = (16 // 2) * (16 - 16 // 2) * 16 + (12 // 2) * (12 - 12 // 2) * 16  # |A|·|B|·head width, per site
     assert attached_macs(model, 32) == count_macs(model, x)
     assert attached_macs(model, 32, overhead=False) + scores == count_macs(model, x)
+
+
+def test_new_sites_take_the_model_mode_and_scratch_is_per_forward():
+    seen = []
+
+    class Counting(FirstK):
+        def begin_forward(self, state, x, training):
+            state.scratch["counting"] = state.scratch.get("counting", 0) + 1
+
+        def forward(self, x, keep, inputs):
+            seen.append((self.training, inputs.state.scratch["counting"]))
+            return super().forward(x, keep, inputs)
+
+    model = small_vit()  # in eval mode
+    td.attach(model, Counting(), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [(False, 2)] * 4  # eval sites; two sites counted afresh in each forward
+    trained = small_vit().train()
+    td.attach(trained, FirstK(), blocks=[2], schedule=td.Constant(0.5))
+    assert td.sites(trained)[0].training and td.sites(trained)[0].reducer.training

@@ -3,10 +3,12 @@
 
 from .ats import ATS
 from .dpcknn import DPCKNN
+from .dynamicvit import DynamicViT
 from .evit import EViT
 from .kmedoids import KMedoids
+from .tnt import TNT
 from .tome import ToMe
 from .topk import TopK
 from .zero_tp import ZeroTP
 
-__all__ = ["ATS", "DPCKNN", "EViT", "KMedoids", "ToMe", "TopK", "ZeroTP"]
+__all__ = ["ATS", "DPCKNN", "DynamicViT", "EViT", "KMedoids", "TNT", "ToMe", "TopK", "ZeroTP"]

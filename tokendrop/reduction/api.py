@@ -105,6 +105,7 @@ def attach(model: nn.Module, reducer: ReducerSpec, blocks: Iterable[int] = (0,),
                     raise TypeError(f"reducer: the factory returned {type(red).__name__}, not a tokendrop Reducer")
             _check_placement(base, red, b, position or red.default_position)
             site = Site(b, red, schedule, reg, when, position or red.default_position, relative_to, always_reduce)
+            site.train(model_blocks[b].training)  # a new site takes the model's mode (train/eval)
             model_blocks[b].token_site = site
             reg.add(site)
             added.append(site)

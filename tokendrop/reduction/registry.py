@@ -60,15 +60,15 @@ SITE_ARGUMENTS = tuple(f.name for f in dataclasses.fields(SiteFacts))
 
 
 def _site_dependent(name: str, kwargs: dict[str, Any]) -> list[str]:
-    """The required constructor arguments of ``name`` that are site facts and not given in ``kwargs``."""
+    """The constructor arguments of ``name`` named like site facts and not given in ``kwargs``: the site
+    supplies them."""
     params = inspect.signature(reducer_class(name).__init__).parameters
-    return [p for p in SITE_ARGUMENTS if p in params and p not in kwargs and params[p].default is inspect.Parameter.empty]
+    return [p for p in SITE_ARGUMENTS if p in params and p not in kwargs]
 
 
 def reducer(name: str, **kwargs: Any) -> Reducer | Callable[[SiteFacts], Reducer]:
-    """Build the reducer registered as ``name`` with ``kwargs``. A method whose required constructor
-    arguments include site facts (``dim``, ``num_heads``, ``keep``, ``tokens_in``, ``block``) not given
-    here comes back as a per-site factory that :func:`tokendrop.attach` calls with each site's
+    """Build the reducer registered as ``name`` with ``kwargs``. A method whose constructor arguments
+    include site facts (``dim``, ``num_heads``, ``keep``, ``tokens_in``, ``block``) not given here comes back as a per-site factory that :func:`tokendrop.attach` calls with each site's
     :class:`SiteFacts`. An unknown name or argument raises ``ValueError`` naming it and listing what is
     allowed."""
     allowed = reducer_arguments(name)

@@ -14,7 +14,9 @@ sequence ``(B, prefix + N, C)``:
 * ``key_mask[b, t]`` — ``True`` where token ``t`` is present. Absent tokens (padding for per-image counts,
   masked patterns) are ignored as keys by every later attention; ``None`` = all present;
 * ``policy[b, t]`` — a soft, differentiable keep decision in [0, 1] (DynamicViT in training): attention
-  weights key ``j`` by ``policy_j``, except that a token always attends to itself.
+  weights key ``j`` by ``policy_j``, except that a token always attends to itself;
+* ``scratch`` — per-forward values a method shares between its own sites, keyed by the method's name
+  (e.g. how many DynamicViT sites take part, to split its ratio loss); fresh every forward.
 
 Reducers change the state only through :meth:`TokenState.select`, :meth:`TokenState.replace` and
 :meth:`TokenState.merge`, so provenance and sizes stay right by construction.
@@ -23,6 +25,7 @@ Reducers change the state only through :meth:`TokenState.select`, :meth:`TokenSt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -55,6 +58,7 @@ class TokenState:
     size_bias: bool = True  # add log(size) to the attention logits (proportional attention) once sizes exist
     keep_fraction: float = 1.0  # product of (1 − d) over the sites passed; for relative_to="original"
     prev_attention_colsum: torch.Tensor | None = None  # (B, T) of the last block that was asked for it
+    scratch: dict[str, Any] = field(default_factory=dict)  # per-forward values a method shares across its sites
     records: list[SiteRecord] = field(default_factory=list)
 
     @property
