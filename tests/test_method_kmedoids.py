@@ -67,9 +67,13 @@ def test_kmedoids_protocol_matches_naive():
     records = td.last_reduction(model).records
     assert [rec.kept for rec in records] == [137, 96, 67]
     for rec, (assignment, centres, sizes) in zip(records, ref_sites):
-        assert torch.equal(rec.assignment, assignment) and (rec.assignment >= 0).all()
-        assert torch.equal(rec.source, centres)  # each token's medoid patch
-        assert torch.equal(rec.size, sizes) and rec.size.sum(dim=1).tolist() == [P, P]
+        # Compared slot-order-free: the medoids start in descending weight order, and two weights of this
+        # input differ by 2e-7 (float32 rounding of the column sums), so their slots may swap.
+        assert (rec.assignment >= 0).all() and rec.size.sum(dim=1).tolist() == [P, P]
+        assert torch.equal(rec.source.sort(dim=1).values, centres.sort(dim=1).values)  # the medoid patches
+        assert torch.equal(rec.source.gather(1, rec.assignment), centres.gather(1, assignment))  # each patch's medoid
+        order, ref_order = rec.source.argsort(dim=1), centres.argsort(dim=1)
+        assert torch.equal(rec.size.gather(1, order), sizes.gather(1, ref_order))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the comparison can fail: keeping the top-weighted tokens without iterating differs
     td.detach(model)
