@@ -92,7 +92,8 @@ def test_sinkhorn_options_and_first_centres_match_naive():
     raw = centres_before(model)
     with torch.no_grad():
         out = model(x)
-    ref, ref_sites = naive_model(model, x, {1: naive_sinkhorn(raw[1], 32, 0.05, 5), 3: naive_sinkhorn(raw[3], 16, 0.05, 5)})
+    ref, ref_sites = naive_model(model, x, {1: naive_sinkhorn(raw[1], 32, 0.05, 5),
+                                            3: naive_sinkhorn(raw[3], 16, 0.05, 5)})
     check_records(td.last_reduction(model).records, ref_sites, [32, 16])
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     # the comparison can fail: one iteration fewer is more than twice the tolerance away

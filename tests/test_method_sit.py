@@ -31,16 +31,16 @@ def sit_factory(seed=0, std=0.1, scale=2.0, **kwargs):
     return build
 
 
-def naive_sit(red, over_tokens=True):
-    """The spec's merge of one image ``z`` (N, C) into as many tokens as the site keeps (the first slots),
-    with ``red``'s parameters copied out, in float64. ``over_tokens=False`` (a wrong detail) takes the
+def naive_sit(red, keep, over_tokens=True):
+    """The spec's merge of one image ``z`` (N, C) into ``keep`` tokens (the first slots), with ``red``'s
+    parameters copied out, in float64. ``over_tokens=False`` (a wrong detail) takes the
     softmax over the slots instead."""
     ln, fc1, _, fc2 = red.mlp
     g, b, w1, b1, w2, b2 = (p.detach().double().clone() for p in
                             (ln.weight, ln.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias))
     s = red.scale.detach().double().item()
 
-    def merge(z, keep):
+    def merge(z):
         z = z.double()
         h = layer_norm(z, g, b) @ w1.T + b1
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # exact GELU
@@ -52,8 +52,7 @@ def naive_sit(red, over_tokens=True):
 
 
 def naive_merges(model, keeps, **kwargs):
-    return {s.block: (lambda m, k: lambda z: m(z, k))(naive_sit(s.reducer, **kwargs), k)
-            for s, k in zip(td.sites(model), keeps)}
+    return {s.block: naive_sit(s.reducer, k, **kwargs) for s, k in zip(td.sites(model), keeps)}
 
 
 def test_sit_protocol_matches_naive():
