@@ -242,6 +242,16 @@ def test_unknown_config_name(capsys):
     assert "cifar1000" in capsys.readouterr().err
 
 
+def test_run_directory_named_like_a_config_does_not_shadow_it(tmp_path, monkeypatch):
+    """`--out fashion_mnist_baseline` in the working directory leaves a folder of the config's name there;
+    the shipped config must still load by name, and a YAML file still wins as a path."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fashion_mnist_baseline").mkdir()
+    assert load_config("fashion_mnist_baseline").model.name == "hybrid_vit_tiny"
+    (tmp_path / "mine").write_text("base: fashion_mnist_baseline\nmodel: {name: hybrid_vit_ctd}\n")
+    assert load_config("mine").model.name == "hybrid_vit_ctd"
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -244,7 +244,7 @@ def _validate(cfg: Config) -> None:
 def config_path(name_or_path: str) -> Path:
     """Resolve a shipped config name (``cifar100_ptd_mix_ema``) or a YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():  # a directory named like a shipped config (a run's) is no config
         if not p.is_file():
             raise ConfigError(f"config: file {p} does not exist")
         return p
