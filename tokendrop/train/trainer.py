@@ -419,7 +419,8 @@ class Trainer:
                 "epoch_time_sec": elapsed, "train_imgs_per_sec": seen_all / elapsed}
 
     def _drop_ratio(self) -> float:
-        sites = red.sites(self.model)
+        """The config's schedule at its first site (train-only sites keep every token)."""
+        sites = [s for s in red.sites(self.model) if s.block not in self.cfg.token_drop.train_only_blocks]
         return sites[0].drop_ratio if sites else 0.0
 
     def _kept_tokens(self) -> int:
