@@ -377,6 +377,22 @@ def test_sweep_finetune_end_to_end_interrupted_resumed_reused(checkpoint, tmp_pa
     assert len(err) == 1 and "optim.lr" in err[0] and "--fresh" in err[0], err
     assert (out / "sweep.csv").stat().st_mtime_ns == csv_stamp and epochs_trained == []
     assert {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("*.pt")} == stamps
+    # other start weights (another checkpoint) into the same --out: the same
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 1.0
+    torch.save(ckpt, other)
+    assert main([*argv[:2], str(other), *argv[3:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other weights" in err[0] and "--fresh" in err[0], err
+    assert (out / "sweep.csv").stat().st_mtime_ns == csv_stamp and epochs_trained == []
+    # --fresh deletes the earlier fine-tunes and trains again
+    argv = [*argv[:2], str(other), *argv[3:]]
+    argv[argv.index("dynamicvit")] = "--fresh"
+    assert main(argv) == 0
+    assert epochs_trained == ["none", "topk_r0.7_b1-2-3"]
+    assert sorted(p.name for p in (out / "finetune").iterdir()) == ["none", "start.pt", "topk_r0.7_b1-2-3"]
+    assert torch.equal(torch.load(out / "finetune" / "start.pt")["model"]["head.bias"], ckpt["model"]["head.bias"])
 
 
 @pytest.mark.parametrize("args,flag", [

@@ -151,11 +151,12 @@ def pareto(rows: list[dict], path: Path, finetune_epochs: int = 0) -> Path:
     handles += [axes[0, 0].plot([], [], markers[s], color="grey", label=f"blocks {s}")[0] for s in site_sets]
     handles += [axes[0, 0].plot([], [], "*", color="k", ms=10, label="unreduced")[0]]
     if tuned:
-        handles += [axes[0, 0].plot([], [], "o", color="grey", label=f"fine-tuned {finetune_epochs} epoch(s)")[0],
-                    axes[0, 0].plot([], [], "o", color="grey", mfc="none", label="post hoc")[0]]
+        handles += [axes[0, 0].plot([], [], "o", color="k", label=f"fine-tuned {finetune_epochs} epoch(s)")[0],
+                    axes[0, 0].plot([], [], "o", color="k", mfc="none", label="post hoc")[0]]
     axes[0, 0].legend(handles=handles, fontsize=7)
-    fig.suptitle(f"accuracy against cost (fine-tuned {finetune_epochs} epoch(s) per point; the unreduced model too; "
-                 "front: fine-tuned)" if tuned else "accuracy against cost (post-hoc, no fine-tuning)", fontsize=10)
+    fig.suptitle(f"accuracy against cost: fine-tuned {finetune_epochs} epoch(s) per point, the unreduced model too "
+                 "(filled; the front's), post hoc (hollow)" if tuned else "accuracy against cost (post-hoc, no fine-tuning)",
+                 fontsize=10)
     return _save(fig, path)
 
 

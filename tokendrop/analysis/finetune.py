@@ -12,6 +12,7 @@ error (``--fresh`` deletes ``OUT/finetune`` first).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import shutil
@@ -63,7 +64,7 @@ def check_overrides(items: Sequence[str]) -> dict:
         if key not in sections and dotted:
             raise UsageError(f"--finetune-set: {key}: unknown key; config keys are dotted: {' or '.join(dotted)}")
     try:
-        config_from_dict(merge_dicts({}, extra))
+        config_from_dict(copy.deepcopy(extra))
     except ConfigError as e:
         raise UsageError(f"--finetune-set: {e}") from None
     return extra
@@ -83,12 +84,11 @@ class Plan:
 
     base: dict
     root: Path  # OUT/finetune
-    epochs: int
 
     def config(self, spec: MethodSpec | None, keep_rate: float = 1.0, blocks: Sequence[int] = (),
                relative_to: str = "original") -> Config:
         """The training config of a point (``spec`` None: the unreduced model)."""
-        data = merge_dicts(merge_dicts({}, self.base), {"name": point_name(spec, keep_rate, blocks)})
+        data = {**copy.deepcopy(self.base), "name": point_name(spec, keep_rate, blocks)}
         data["token_drop"] = {"enabled": False} if spec is None else {
             "enabled": True, "reducer": spec.name, "reducer_args": dict(spec.kwargs), "schedule": "constant",
             "keep_rate": keep_rate, "blocks": list(blocks), "when": "always", "relative_to": relative_to}
@@ -104,10 +104,10 @@ class Plan:
 def make_plan(source_config: Config, overrides: dict, epochs: int, device: str, out: Path) -> Plan:
     """The :class:`Plan` of a sweep into ``out`` from the source's config and the checked overrides."""
     root = Path(out) / FOLDER
-    base = merge_dicts(merge_dicts(source_config.to_dict(), merge_dicts({}, DEFAULTS)), merge_dicts({}, overrides))
+    base = merge_dicts(merge_dicts(source_config.to_dict(), copy.deepcopy(DEFAULTS)), copy.deepcopy(overrides))
     merge_dicts(base, {"model": {"pretrained": str((root / START).resolve())}, "optim": {"epochs": epochs},
                        "run": {"device": device}})
-    return Plan(base, root, epochs)
+    return Plan(base, root)
 
 
 def _cpu_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -103,23 +103,25 @@ def finetune_points(source: Source, runs: Sequence[tuple[Path, Config]], rows: l
     complete runs reused, interrupted ones resumed), and add to the row the accuracy and kept tokens of the
     fine-tuned model on the same validation images. Prints a line per point on stderr."""
     loader = source.loader(batch_size, max_images)
+    threads = torch.get_num_threads()  # a config's run.threads changes it for the process
     spent, trained_count = 0.0, 0
     for i, ((run_dir, cfg), row) in enumerate(zip(runs, rows), 1):
         name = f"{row['method']} r={row['keep_rate']:g} blocks {row['blocks'] or '-'}"
         t0 = time.perf_counter()
         model, trained = ft.finetune(cfg, run_dir, progress, label=f"{name}: ")
+        took = time.perf_counter() - t0
         torch.manual_seed(seed)
         done = _row(row["method"], row["keep_rate"], row["blocks"], model, source, loader)
         del model
         row.update(accuracy_finetuned=done["accuracy"], tokens_finetuned=done["tokens"], finetune_dir=str(run_dir))
         how = f"reused {run_dir}"
         if trained:
-            spent += time.perf_counter() - t0
-            trained_count += 1
-            how = f"trained {cfg.optim.epochs} epoch(s) in {time.perf_counter() - t0:.0f} s"
+            spent, trained_count = spent + took, trained_count + 1
+            how = f"trained {cfg.optim.epochs} epoch(s) in {took:.0f} s"
         left = f"; at most {spent / trained_count * (len(runs) - i) / 60:.1f} min left" if trained_count and i < len(runs) else ""
         print(f"sweep: fine-tune {i}/{len(runs)} {name}: {done['accuracy']:.2f}% (post hoc {row['accuracy']:.2f}%), "
               f"{how}{left}", file=sys.stderr)
+    torch.set_num_threads(threads)
 
 
 def time_points(source: Source, points: Sequence[Point], images: torch.Tensor, rounds: int, seed: int = 0,
