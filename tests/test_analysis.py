@@ -276,6 +276,144 @@ def test_sweep_end_to_end(checkpoint, tmp_path):
     assert meta["machine"]["date"] and len(meta["rows"]) == len(rows)
 
 
+FINETUNE = ["--finetune-epochs", "1", "--finetune-set", "data.train_subset=64", "optim.batch_size=32", "optim.lr=3e-3",
+            "data.val_subset=16", "run.threads=1"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (two contend badly on a shared machine); the fine-tunes' run.threads=1 sets it too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _plain_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * (model.eval()(images).argmax(1) == labels).float().mean().item()
+
+
+def test_sweep_finetune_end_to_end_interrupted_resumed_reused(checkpoint, tmp_path, capsys, monkeypatch, one_thread):
+    from tokendrop.train import trainer as trainer_mod
+    from tokendrop.train.config import config_from_dict
+    from tokendrop.train.data import build_datasets
+    from tokendrop.train.trainer import build_run_model
+
+    original, epochs_trained = trainer_mod.Trainer._train_epoch, []
+
+    def counted(self, epoch):
+        epochs_trained.append(self.out_dir.name)
+        if epochs_trained == ["none", "topk_r0.7_b1-2-3"] and interrupt:
+            raise KeyboardInterrupt  # Ctrl-C in the second point's epoch
+        return original(self, epoch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_train_epoch", counted)
+    out = tmp_path / "sw"
+    argv = ["sweep", "--checkpoint", str(checkpoint), "--methods", "topk", "dynamicvit", "--keep-rates", "0.7",
+            "--rounds", "1", "--max-images", "24", "--batch-size", "12", "--no-progress", *FINETUNE, "--out", str(out)]
+    interrupt = True
+    assert main(argv) == 130
+    assert "same --out reuses the finished points" in capsys.readouterr().err
+    assert (out / "finetune" / "none" / "last.pt").exists() and not (out / "sweep.csv").exists()
+    none_stamp = (out / "finetune" / "none" / "last.pt").stat().st_mtime_ns
+    interrupt, epochs_trained[:] = False, []
+    assert main(argv) == 0  # resumed: the baseline reused, both points trained
+    err = capsys.readouterr().err
+    assert epochs_trained == ["topk_r0.7_b1-2-3", "dynamicvit_r0.7_b1-2-3"]
+    assert err.count("sweep: fine-tune ") == 3 and err.count("reused ") == 1 and err.count("trained 1 epoch(s)") == 2
+    assert (out / "finetune" / "none" / "last.pt").stat().st_mtime_ns == none_stamp
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["method"], r["keep_rate"], r["blocks"]) for r in rows] == [
+        ("none", "1.0", ""), ("topk", "0.7", "1,2,3"), ("dynamicvit", "0.7", "1,2,3")]
+    assert (out / "sweep.png").read_bytes()[:8] == PNG_MAGIC
+    # every fine-tuned accuracy, independently: the saved last.pt rebuilt from its own config, a plain loop
+    # over the sweep's 24 validation images (the first of the checkpoint's validation set)
+    src_cfg = config_from_dict(torch.load(checkpoint, weights_only=False)["config"])
+    val = build_datasets(src_cfg.data, src_cfg.augment, src_cfg.seed)[1]
+    images = torch.stack([val[i][0] for i in range(24)])
+    labels = torch.tensor([int(val[i][1]) for i in range(24)])
+    start = torch.load(checkpoint, weights_only=False)["model"]
+    changed = 0
+    for row, name in zip(rows, ["none", "topk_r0.7_b1-2-3", "dynamicvit_r0.7_b1-2-3"]):
+        ckpt = torch.load(out / "finetune" / name / "last.pt", weights_only=False)
+        cfg = config_from_dict(ckpt["config"])
+        assert ckpt["epoch"] == 0 and cfg.optim.epochs == 1  # the baseline as long as every point
+        td_cfg = cfg.token_drop
+        if name == "none":
+            assert not td_cfg.enabled
+        else:
+            assert (td_cfg.enabled, td_cfg.reducer, td_cfg.keep_rate, td_cfg.blocks, td_cfg.when, td_cfg.relative_to) == (
+                True, row["method"], 0.7, [1, 2, 3], "always", "original")
+        assert not torch.equal(ckpt["model"]["head.weight"], start["head.weight"])  # it trained from the start weights
+        model = build_run_model(cfg, 10, 1, 32)
+        model.load_state_dict(ckpt["model"])
+        assert float(row["accuracy_finetuned"]) == pytest.approx(_plain_accuracy(model, images, labels), abs=1e-4)
+        changed += float(row["accuracy_finetuned"]) != float(row["accuracy"])
+        # the ideal speed-up is the MAC ratio to the unreduced model
+        assert float(row["ideal_speedup"]) == pytest.approx(float(rows[0]["gflops"]) / float(row["gflops"]), rel=1e-4)
+        assert float(row["speedup"]) > 0
+    assert changed  # the fine-tuned column is not the post-hoc one
+    assert any(".token_site.reducer." in k for k in torch.load(out / "finetune" / "dynamicvit_r0.7_b1-2-3" / "last.pt",
+                                                               weights_only=False)["model"])
+    assert rows[1]["tokens_finetuned"] == rows[1]["tokens"] == "44/31/21"  # int(64 · 0.7^s)
+    # the Pareto front is on the fine-tuned accuracy, by brute force
+    pts = [(float(r["gflops"]), float(r["accuracy_finetuned"])) for r in rows]
+    for r, (g, a) in zip(rows, pts):
+        dominated = any(g2 <= g and a2 >= a and (g2, a2) != (g, a) for g2, a2 in pts)
+        assert (r["pareto_gflops"] == "True") == (not dominated)
+    # the same command again reuses every point: no epoch trained, nothing rewritten, the same numbers
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("*.pt")}
+    epochs_trained.clear()
+    assert main(argv) == 0
+    assert epochs_trained == [] and capsys.readouterr().err.count("reused ") == 3
+    assert {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("*.pt")} == stamps
+    again = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["accuracy_finetuned"] for r in again] == [r["accuracy_finetuned"] for r in rows]
+    # other fine-tune settings into the same --out: a one-line error naming --fresh, nothing written
+    csv_stamp = (out / "sweep.csv").stat().st_mtime_ns
+    assert main([*argv, "--finetune-set", "optim.lr=1e-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optim.lr" in err[0] and "--fresh" in err[0], err
+    assert (out / "sweep.csv").stat().st_mtime_ns == csv_stamp and epochs_trained == []
+    assert {p: p.stat().st_mtime_ns for p in (out / "finetune").rglob("*.pt")} == stamps
+    # other start weights (another checkpoint) into the same --out: the same
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["model"]["head.bias"] = ckpt["model"]["head.bias"] + 1.0
+    torch.save(ckpt, other)
+    assert main([*argv[:2], str(other), *argv[3:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other weights" in err[0] and "--fresh" in err[0], err
+    assert (out / "sweep.csv").stat().st_mtime_ns == csv_stamp and epochs_trained == []
+    # --fresh deletes the earlier fine-tunes and trains again
+    argv = [*argv[:2], str(other), *argv[3:]]
+    argv[argv.index("dynamicvit")] = "--fresh"
+    assert main(argv) == 0
+    assert epochs_trained == ["none", "topk_r0.7_b1-2-3"]
+    assert sorted(p.name for p in (out / "finetune").iterdir()) == ["none", "start.pt", "topk_r0.7_b1-2-3"]
+    assert torch.equal(torch.load(out / "finetune" / "start.pt")["model"]["head.bias"], ckpt["model"]["head.bias"])
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--finetune-epochs", "-1"], "--finetune-epochs"),
+    (["--finetune-epochs", "two"], "--finetune-epochs"),
+    (["--finetune-epochs", "1", "--finetune-set", "optim.bogus=1"], "--finetune-set"),
+    (["--finetune-epochs", "1", "--finetune-set", "lr=1e-4"], "--finetune-set"),
+    (["--finetune-epochs", "1", "--finetune-set", "optim.lr=-1"], "--finetune-set"),
+    (["--finetune-epochs", "1", "--finetune-set", "token_drop.keep_rate=0.5"], "--finetune-set"),
+    (["--finetune-epochs", "1", "--finetune-set", "optim.epochs=3"], "--finetune-set"),
+    (["--finetune-set", "optim.lr=1e-4"], "--finetune-set"),
+    (["--fresh"], "--fresh"),
+])
+def test_sweep_bad_finetune_arguments_exit_2_and_write_nothing(checkpoint, tmp_path, capsys, args, flag):
+    out = tmp_path / "out"
+    assert main(["sweep", "--checkpoint", str(checkpoint), "--methods", "topk", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tokendrop sweep: error: {flag}"), err
+    assert not out.exists()
+
+
 def test_show_end_to_end(checkpoint, tmp_path):
     out = tmp_path / "maps.png"
     assert main(["show", "--checkpoint", str(checkpoint), *TWO, "--images", "2", "--keep-rate", "0.5",

@@ -154,6 +154,9 @@ def _run(argv: list[str] | None) -> int:
     except ValueError as e:  # ConfigError and other bad values
         return _error(str(e), EXIT_USAGE)
     except KeyboardInterrupt:
+        if args.command == "sweep":
+            return _error("interrupted; the same command with the same --out reuses the finished points and resumes "
+                          "the interrupted one", 130)
         return _error("interrupted; `--resume` continues from the last complete epoch", 130)
     except Exception as e:
         if isinstance(e, BrokenPipeError) or not isinstance(e, _user_errors()):

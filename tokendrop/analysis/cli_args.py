@@ -50,7 +50,7 @@ def add_analysis_commands(sub: Any) -> None:
     p.set_defaults(func=_dispatch("analyze"))
 
     p = sub.add_parser("sweep", help="accuracy, GFLOPs and throughput of methods × keep rates × sites, post hoc "
-                                     "(sweep.csv + Pareto plot)")
+                                     "and optionally after a short fine-tune per point (sweep.csv + Pareto plot)")
     _source(p)
     _batches(p)
     p.add_argument("--keep-rates", nargs="+", default=SWEEP_KEEP_RATES, metavar="R",
@@ -60,6 +60,13 @@ def add_analysis_commands(sub: Any) -> None:
     p.add_argument("--relative-to", default="original", choices=("original", "entering"),
                    help="keep count over the original patches (int(P·r^s), seed 004) or those entering each site")
     p.add_argument("--rounds", default="3", metavar="R", help="interleaved timing rounds; 0 = no throughput (default 3)")
+    p.add_argument("--finetune-epochs", default="0", metavar="N",
+                   help="also fine-tune every point (and the unreduced model) N epochs with the trainer; 0 = post hoc only")
+    p.add_argument("--finetune-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config keys of the fine-tunes, over the checkpoint's recipe (repeatable), e.g. "
+                        "optim.lr=1e-4 data.train_subset=6000 optim.batch_size=128")
+    p.add_argument("--fresh", action="store_true", help="delete the fine-tunes of an earlier sweep in --out first "
+                                                        "(default: reuse finished points, resume interrupted ones)")
     p.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
     p.set_defaults(func=_dispatch("sweep"))
 

@@ -177,6 +177,7 @@ class Source:
     img_size: int
     device: torch.device
     workers: int
+    config: Any = None  # the Config the model and data were built from (``--set`` applied)
 
     @property
     def depth(self) -> int:
@@ -255,7 +256,7 @@ def load_source(args: argparse.Namespace, seed: int = 0) -> Source:
             raise UsageError(f"--pretrained: {e}") from None
     red.detach(model)  # the config's training-time sites do not take part
     return Source(str(args.checkpoint or args.model), model.eval().to(device), val, info, img_size, device,
-                  cfg.data.workers)
+                  cfg.data.workers, cfg)
 
 
 # ------------------------------------------------------------------------------------------- running

@@ -120,9 +120,13 @@ def averaged_patterns(rep: dict, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- sweep
-def pareto(rows: list[dict], path: Path) -> Path:
+def pareto(rows: list[dict], path: Path, finetune_epochs: int = 0) -> Path:
     """Accuracy against GFLOPs (and against measured throughput when there is one): one colour per method,
-    one marker per set of sites, the Pareto front as a black step line."""
+    one marker per set of sites, the Pareto front as a black step line. After a fine-tune per point
+    (``finetune_epochs`` > 0) the fine-tuned accuracy is drawn filled, the post-hoc one hollow below it
+    (a thin line joins the two), and the front is the fine-tuned accuracy's."""
+    tuned = finetune_epochs > 0
+    acc = "accuracy_finetuned" if tuned else "accuracy"
     timed = all(r["images_per_s"] is not None for r in rows)
     panels = [("gflops", "GFLOPs (10⁹ MACs per image)")] + ([("images_per_s", "throughput (images/s)")] if timed else [])
     fig, axes = _figure(1, len(panels), 5.2, 4.2)
@@ -132,10 +136,13 @@ def pareto(rows: list[dict], path: Path) -> Path:
     markers = dict(zip(site_sets, "osD^v<>ph*"))
     for ax, (key, label) in zip(axes[0], panels):
         for r in rows:
-            style = ("k", "*", 12) if r["method"] == "none" else (colours[r["method"]], markers[r["blocks"]], 6)
-            ax.plot(r[key], r["accuracy"], style[1], color=style[0], ms=style[2], alpha=0.85)
+            colour, marker, size = ("k", "*", 12) if r["method"] == "none" else (colours[r["method"]], markers[r["blocks"]], 6)
+            if tuned:
+                ax.plot([r[key]] * 2, [r["accuracy"], r[acc]], "-", color=colour, lw=0.6, alpha=0.5)
+                ax.plot(r[key], r["accuracy"], marker, color=colour, ms=size, mfc="none", alpha=0.85)
+            ax.plot(r[key], r[acc], marker, color=colour, ms=size, alpha=0.85)
         front = sorted((r for r in rows if r[f"pareto_{key}"]), key=lambda r: r[key])
-        ax.step([r[key] for r in front], [r["accuracy"] for r in front], "-", color="black", lw=1,
+        ax.step([r[key] for r in front], [r[acc] for r in front], "-", color="black", lw=1,
                 where="post" if key == "gflops" else "pre", label="Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel("top-1 accuracy (%)")
@@ -143,8 +150,13 @@ def pareto(rows: list[dict], path: Path) -> Path:
     handles = [axes[0, 0].plot([], [], "o", color=colours[m], label=m)[0] for m in methods]
     handles += [axes[0, 0].plot([], [], markers[s], color="grey", label=f"blocks {s}")[0] for s in site_sets]
     handles += [axes[0, 0].plot([], [], "*", color="k", ms=10, label="unreduced")[0]]
+    if tuned:
+        handles += [axes[0, 0].plot([], [], "o", color="k", label=f"fine-tuned {finetune_epochs} epoch(s)")[0],
+                    axes[0, 0].plot([], [], "o", color="k", mfc="none", label="post hoc")[0]]
     axes[0, 0].legend(handles=handles, fontsize=7)
-    fig.suptitle("accuracy against cost (post-hoc, no fine-tuning)", fontsize=10)
+    fig.suptitle(f"accuracy against cost: fine-tuned {finetune_epochs} epoch(s) per point, the unreduced model too "
+                 "(filled; the front's), post hoc (hollow)" if tuned else "accuracy against cost (post-hoc, no fine-tuning)",
+                 fontsize=10)
     return _save(fig, path)
 
 
