@@ -17,7 +17,8 @@ from tokendrop.train import trainer as trainer_mod
 from tokendrop.train.config import load_config
 
 FAST = ["data.dataset=digits", "data.train_subset=256", "data.val_subset=200", "data.workers=0",
-        "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1"]
+        "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1",
+        "run.device=cpu"]  # pinned: on a GPU machine run.device=auto would pick CUDA (bf16, NCCL for DDP)
 
 
 def sets(*items):
