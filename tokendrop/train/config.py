@@ -124,6 +124,7 @@ class RunConfig:
     compile: bool = _f(False, doc="torch.compile the model (CUDA only; optional)")
     deterministic: bool = _f(False, doc="torch.use_deterministic_algorithms where PyTorch allows")
     threads: int = _f(0, lo=0, doc="CPU threads for torch; 0 = PyTorch's default")
+    nan_check_every: int = _f(50, lo=1, doc="read the device's non-finite-loss flag every N training steps (and at each epoch's end): a NaN stops the run at most N steps later, last.pt keeps the last good epoch")
 
 
 @dataclass
