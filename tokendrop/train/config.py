@@ -39,14 +39,24 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    channels: int = _f(3, choices=(1, 3), doc="data.dataset=synthetic: image channels (1 or 3)")
+    size: int = _f(32, lo=4, doc="data.dataset=synthetic: image side in pixels")
+    classes: int = _f(100, lo=2, doc="data.dataset=synthetic: number of classes")
+    train_images: int = _f(50000, lo=1, doc="data.dataset=synthetic: training images")
+    val_images: int = _f(10000, lo=1, doc="data.dataset=synthetic: validation images")
+
+
+@dataclass
 class DataConfig:
-    dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder"), doc="data set")
+    dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder", "synthetic"), doc="data set (synthetic: generated, shaped by data.synthetic.*)")
     root: str = _f("data", doc="directory holding (or receiving) the data set files")
     download: bool = _f(True, doc="download CIFAR through torchvision when missing (needs the internet)")
     img_size: int = _f(0, lo=0, doc="input side in pixels; 0 = native: the data set's size (CIFAR 32, Fashion-MNIST 28, digits 32), for imagefolder the model's (32 for hybrid_vit_*, a timm model's pretrained input size)")
     train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
     val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
     workers: int = _f(2, lo=0, doc="DataLoader worker processes")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
