@@ -29,6 +29,7 @@ from .distill import build_teacher
 from .optim import build_adamw, group_lr_factor, load_optimizer_state, param_groups
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
+from .gpu_pipeline import DeviceLoader, choose_pipeline
 from .step import NonFiniteLossError, StepTotals, TrainStep, autocast_context
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_raw", "val_loss_ema", "val_acc_ema",
@@ -222,6 +223,10 @@ class Trainer:
         self.train_loader, self.val_loader, self.sampler = build_loaders(
             train_ds, val_ds, cfg.optim.batch_size, cfg.optim.eval_batch_size, cfg.data.workers, cfg.seed,
             drop_last=self.mixup_on, distributed=self.world > 1)
+        arrays = choose_pipeline(cfg.data.pipeline, self.device, train_ds, cfg.augment, info, cfg.data.img_size, self.world)
+        if arrays is not None:
+            self.train_loader = DeviceLoader(arrays, train_ds, info, cfg.augment, cfg.optim.batch_size, self.mixup_on,
+                                             self.device)
         if len(self.train_loader) == 0:
             raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} is larger than each process's share of the "
                              f"training set ({len(train_ds) // self.world} images)")
@@ -230,7 +235,8 @@ class Trainer:
 
         self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
         if self.is_main:  # after the checks of data and model, so that a bad value gives one line only
-            print(f"data: {info.name} from {info.source}", file=sys.stderr)
+            where = f"; training batches made on {self.device}" if arrays is not None else ""
+            print(f"data: {info.name} from {info.source}{where}", file=sys.stderr)
         if cfg.model.pretrained and not self.resume:
             self._load_pretrained()
         self.teacher = None
