@@ -276,9 +276,9 @@ class Trainer:
             self.mixup = None
             self.loss_fn = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
         d = cfg.distill
-        self.step = TrainStep(self.model, self.net, self.optimizer, self.loss_fn, self.device, amp=cfg.run.amp,
-                              clip_grad=o.clip_grad, ema=self.ema, teacher=self.teacher, distill_weight=d.weight,
-                              distill_temperature=d.temperature)
+        self.train_step = TrainStep(self.model, self.net, self.optimizer, self.loss_fn, self.device, amp=cfg.run.amp,
+                                    clip_grad=o.clip_grad, ema=self.ema, teacher=self.teacher, distill_weight=d.weight,
+                                    distill_temperature=d.temperature)
 
         self.start_epoch, self.best_acc = 0, -1.0
         if self.resume:
@@ -349,7 +349,7 @@ class Trainer:
         if gen is not None:  # data order depends only on (seed, epoch): resumable
             gen.manual_seed((cfg.seed + self.rank) * 1_000_003 + epoch)
         lr_sum, check_every = 0.0, cfg.run.nan_check_every
-        self.step.reset()
+        self.train_step.reset()
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"{self.label}epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.is_main), file=sys.stderr)
@@ -361,7 +361,7 @@ class Trainer:
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
             lr_sum += self.schedule_lr()
-            self.step(images, targets, labels)
+            self.train_step(images, targets, labels)
             if cfg.optim.lr_unit == "step":
                 self.scheduler.step()
             if (step + 1) % check_every == 0:
@@ -377,10 +377,10 @@ class Trainer:
 
     def _check_finite(self, epoch: int) -> StepTotals:
         """Read the step's sums; stop the run if a step since the epoch began had a non-finite loss or gradient."""
-        totals = self.step.poll()
+        totals = self.train_step.poll()
         if totals.first_bad >= 0:
             raise NonFiniteLossError(f"non-finite loss or gradient at epoch {epoch + 1}, step {totals.first_bad + 1} "
-                                     f"(seen at step {self.step.steps}); {self.out_dir / 'last.pt'} keeps the last good epoch")
+                                     f"(seen at step {self.train_step.steps}); {self.out_dir / 'last.pt'} keeps the last good epoch")
         return totals
 
     def _drop_ratio(self) -> float:
