@@ -81,9 +81,15 @@ def group_lr_factor(group: dict, schedule_factor: float, epoch: float) -> float:
     return schedule_factor * group.get("lr_scale", 1.0)
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+"""Device types that get AdamW's fused kernel. On this project's CPU it takes a quarter of the per-tensor
+loop's time (and the foreach kernel more than the loop), so the CPU gets it too."""
+
+
 def adamw_kernel(device: torch.device) -> dict[str, bool]:
-    """AdamW's implementation for ``device``: the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere."""
-    fused = device.type == "cuda"
+    """AdamW's implementation for ``device``: the fused kernel on CUDA and the CPU, the multi-tensor (foreach)
+    one elsewhere."""
+    fused = device.type in FUSED_ADAMW_DEVICES
     return {"fused": fused, "foreach": not fused}
 
 
