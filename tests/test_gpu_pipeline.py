@@ -121,6 +121,20 @@ def test_choosing_the_pipeline_and_its_errors(monkeypatch):
     assert G.choose_pipeline("gpu", CPU, train, NO_AUG, info, 0) is not None
 
 
+def test_unsupported_device_pipeline_is_a_one_line_usage_error(tmp_path, capsys):
+    from tokendrop.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--config", "fashion_mnist_ptd", "--out", str(out), "--device", "cpu"]
+    for item in ("data.dataset=digits", "data.workers=0", "data.pipeline=gpu", "augment.randaugment_ops=2",
+                 "optim.epochs=1"):
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.pipeline: gpu does not support RandAugment" in err[0]
+    assert not out.exists()
+
+
 def test_trainer_on_the_device_pipeline_resumes_exactly(tmp_path, monkeypatch, capsys):
     from tokendrop.cli import main
     from tokendrop.train import trainer as trainer_mod

@@ -51,8 +51,11 @@ def free_memory_bytes(device: torch.device) -> int | None:
     """Free memory on ``device`` (CUDA: the driver's count; CPU: available RAM); None where unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu" and hasattr(os, "sysconf"):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no such count on this system (macOS)
+            return None
     return None
 
 
