@@ -246,3 +246,32 @@ def test_reducer_option_benchmarks_any_method(tmp_path, capsys, one_thread):
     assert "--reducer: reducer: unknown method 'nope'" in capsys.readouterr().err
     assert run(parse(["--model", "hybrid_vit_tiny", "--reducer-args", "{scroe: l2}"])) == 2
     assert "no argument 'scroe'" in capsys.readouterr().err
+
+
+def test_tome_table_counts_and_ideal(tmp_path, one_thread):
+    """ToMe's r table: tokens leaving the last block follow the official cap (at most half the patch tokens
+    per block), the ideal is the ratio of analytic MACs, and r = 0 is the baseline of the paired timing."""
+    model = build_model("hybrid_vit_tiny", num_classes=10)  # 4 blocks, 64 patch tokens at 32 px
+    out = tmp_path / "tome.json"
+    assert run(parse(["--model", "hybrid_vit_tiny", "--tome-r", "6", "20", "--batch-sizes", "2", "--rounds", "1",
+                      "--warmup", "0", "--threads", "1", "--json", str(out), "--no-progress"])) == 0
+    rows = {r["r"]: r for r in json.loads(out.read_text())["tome"]}
+    assert sorted(rows) == [0, 6, 20]
+
+    def tokens_out(r: int) -> int:
+        n = model.patch_embed.num_patches
+        for _ in model.blocks:
+            n -= min(r, n // 2)
+        return 1 + n
+
+    assert [rows[r]["tokens_out"] for r in (0, 6, 20)] == [tokens_out(0), tokens_out(6), tokens_out(20)] == [65, 41, 7]
+    for r in (6, 20):
+        assert rows[r]["ideal_speedup"] == pytest.approx(rows[0]["macs_analytic"] / rows[r]["macs_analytic"])
+        assert rows[r]["macs_analytic"] < rows[0]["macs_analytic"]
+    assert rows[0]["timing"]["speedup"] == 1.0 and rows[0]["ideal_speedup"] == 1.0
+
+
+def test_tome_table_rejects_negative_r(capsys):
+    assert run(parse(["--model", "hybrid_vit_tiny", "--tome-r", "-1", "--no-progress"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tome-r" in err[0]

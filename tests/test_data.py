@@ -182,6 +182,19 @@ def test_train_transforms_run(mode, info_name, auto):
     assert [type(t).__name__ for t in ev.transforms] == ["ToTensor", "Normalize"]
 
 
+def test_random_resized_crop_replaces_the_resize():
+    info = D.dataset_info("imagefolder", "deit_tiny_patch16_224")
+    aug = dataclasses.replace(NO_AUG, random_resized_crop=True)
+    tf = D.build_transforms(info, aug, 0, train=True)
+    assert [type(t).__name__ for t in tf.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    crop = tf.transforms[0]
+    assert (crop.size, crop.scale, crop.ratio) == ((224, 224), (0.08, 1.0), (3 / 4, 4 / 3))  # the ImageNet default
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), dtype=np.uint8))
+    assert tf(img).shape == (3, 224, 224)
+    ev = D.build_transforms(info, aug, 0, train=False)  # evaluation resizes as before
+    assert [type(t).__name__ for t in ev.transforms] == ["Resize", "ToTensor", "Normalize"]
+
+
 def test_dataset_info():
     assert D.dataset_info("cifar100").mean == (0.5071, 0.4867, 0.4408)
     assert D.dataset_info("cifar100").std == (0.2675, 0.2565, 0.2761)

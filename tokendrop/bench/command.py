@@ -57,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reduction method of the grid (any name in tokendrop.REDUCERS; default topk by CLS attention)")
     parser.add_argument("--reducer-args", default="{}", metavar="YAML",
                         help="the method's arguments as a YAML mapping, e.g. '{score: random}' (default none)")
+    parser.add_argument("--tome-r", nargs="+", default=None, metavar="R",
+                        help="ToMe's throughput-vs-r table instead of the drop grid: merge R tokens in every block "
+                             "(tokendrop.tome), inference, r = 0 as the baseline, e.g. --tome-r 4 8 13 16 "
+                             "--model vit_small_patch16_224")
     parser.add_argument("--config", action="append", default=[], metavar="CONFIG",
                         help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -122,6 +126,7 @@ class Options:
     memory_blocks: list[int]
     reducer: str = "topk"
     reducer_args: dict = dataclasses.field(default_factory=dict)
+    tome_r: list[int] | None = None
 
 
 def check_args(args: argparse.Namespace) -> Options:
@@ -184,11 +189,16 @@ def check_args(args: argparse.Namespace) -> Options:
     if args.set and not args.config:
         raise UsageError("--set: only applies to a --config")
     reducer, reducer_args = _check_reducer(args.reducer, args.reducer_args)
+    tome_r = None
+    if args.tome_r is not None:
+        tome_r = _numbers(args.tome_r, "--tome-r", int)
+        if any(r < 0 for r in tome_r):
+            raise UsageError(f"--tome-r: {min(tome_r)} is outside the allowed range [0, inf)")
     return Options(models, depths, drops, blocks, batch_sizes, configs, device,
                    _one(args.rounds, "--rounds", 1), _one(args.warmup, "--warmup", 0),
                    _one(args.memory_steps, "--memory-steps", 0), _one(args.data_batches, "--data-batches", 0),
                    _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks,
-                   reducer, reducer_args)
+                   reducer, reducer_args, tome_r)
 
 
 def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
@@ -214,6 +224,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
+    if args.tome_r is not None:
+        parts += ["--tome-r", *map(str, args.tome_r)]
     if args.reducer != "topk" or args.reducer_args.strip() not in ("", "{}"):
         parts += ["--reducer", args.reducer, "--reducer-args", args.reducer_args]
     for c in args.config:
@@ -284,16 +296,18 @@ def measure(opts: Options, progress: bool = True) -> dict:
 
     device = opts.device
     n_drops = len({0.0, *opts.drops})
-    grid = "grid" not in opts.skip
+    grid = "grid" not in opts.skip and opts.tome_r is None
     groups = len(opts.models) * len(opts.batch_sizes) * len(opts.blocks) if grid else 0
     per_group = opts.rounds * (1 if "inference" in opts.skip else 2)
     total = groups * per_group
     memory_on = grid and bool(opts.memory_steps) and "memory" not in opts.skip
     if memory_on:
         total += len(opts.models) * len(opts.batch_sizes) * len(opts.memory_blocks) * n_drops
-    if "overheads" not in opts.skip:
+    if "overheads" not in opts.skip and opts.tome_r is None:
         total += len(opts.models) * len(opts.batch_sizes) * opts.rounds
     total += len(opts.configs) * (opts.rounds + 1)
+    if opts.tome_r is not None:
+        total += len(opts.models) * len(opts.batch_sizes) * opts.rounds
     bar = _progress(total, progress)
     tick = lambda: bar.update(1)  # noqa: E731
 
@@ -304,7 +318,7 @@ def measure(opts: Options, progress: bool = True) -> dict:
                                            "memory_blocks": opts.memory_blocks, "reducer": opts.reducer,
                                            "reducer_args": opts.reducer_args,
                                            "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed},
-                              "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
+                              "rows": [], "overheads": [], "projections": [], "data_pipeline": [], "tome": []}
     kwargs = {"num_classes": BENCH_NUM_CLASSES}
     try:
         for name in opts.models:
@@ -334,13 +348,22 @@ def measure(opts: Options, progress: bool = True) -> dict:
                             if base and r.peak_memory_mb is not None:
                                 r.memory_vs_no_drop = r.peak_memory_mb / base
                     report["rows"] += [dataclasses.asdict(r) for r in rows]
-            if "overheads" not in opts.skip:
+            if "overheads" not in opts.skip and opts.tome_r is None:
                 for batch in opts.batch_sizes:
                     bar.set_description(f"{name} bs{batch} overheads")
                     torch.manual_seed(opts.seed)
                     o = S.measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
                                             opts.rounds, opts.warmup, opts.seed, on_round=tick)
                     report["overheads"].append(dataclasses.asdict(o))
+        for name in opts.models if opts.tome_r is not None else ():
+            from .tome_table import measure_tome
+
+            for batch in opts.batch_sizes:
+                bar.set_description(f"{name} ToMe bs{batch}")
+                torch.manual_seed(opts.seed)
+                rows = measure_tome(name, build_model(name, **kwargs), opts.tome_r, batch, device, opts.rounds,
+                                    opts.warmup, opts.seed, on_round=tick)
+                report["tome"] += [r.to_dict() for r in rows]
         for cname, cfg in opts.configs:
             bar.set_description(f"projection {cname}")
             proj, pipe = project_config(cname, cfg, opts, tick)
@@ -451,6 +474,12 @@ def format_report(report: dict) -> str:
                      f"{p['speedup']:.3f}× (ideal {p['ideal_speedup']:.3f}×)")
         for n in p["notes"]:
             lines.append(f"  note: {n}")
+    if report.get("tome"):
+        from .tome_table import ToMeRow, format_table
+        from .speed import Timing
+
+        lines += ["", "ToMe: r tokens merged in every block, inference, speed-up against r = 0 (median of paired ratios):",
+                  format_table([ToMeRow(**(r | {"timing": Timing(**r["timing"])})) for r in report["tome"]])]
     for d in report["data_pipeline"]:
         lines += ["", f"data pipeline {d['config']}: {d['images_per_s']:.0f} images/s with {d['workers']} workers "
                       f"({d['source']}); model {d['model_images_per_s_min']:.0f}–{d['model_images_per_s_max']:.0f} images/s "

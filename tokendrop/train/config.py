@@ -56,13 +56,14 @@ class DataConfig:
     train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
     val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
     workers: int = _f(2, lo=0, doc="DataLoader worker processes")
-    pipeline: str = _f("auto", choices=("auto", "cpu", "gpu"), doc="where training batches are made: cpu = DataLoader workers; gpu = the uint8 set resident on the run's device, augmented there (crop, flip, erasing; not RandAugment/AutoAugment/resizing/DDP); auto = gpu on CUDA when supported and the set fits in memory")
+    pipeline: str = _f("auto", choices=("auto", "cpu", "gpu"), doc="where training batches are made: cpu = DataLoader workers; gpu = the uint8 set resident on the run's device, augmented there (crop, flip, erasing; not RandAugment/AutoAugment/RandomResizedCrop/resizing/DDP); auto = gpu on CUDA when supported and the set fits in memory")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class AugmentConfig:
     crop_padding: int = _f(4, lo=0, doc="RandomCrop(img_size, padding); 0 disables")
+    random_resized_crop: bool = _f(False, doc="RandomResizedCrop(img_size, scale 0.08-1) instead of resizing the image (the ImageNet recipes); crop_padding must be 0")
     hflip: bool = _f(True, doc="random horizontal flip")
     randaugment_ops: int = _f(2, lo=0, doc="RandAugment num_ops; 0 disables")
     randaugment_magnitude: int = _f(10, lo=0, hi=30, doc="RandAugment magnitude")
@@ -109,6 +110,7 @@ class TokenDropConfig:
     when: str = _f("train", choices=("train", "eval", "always"), doc="active in training only (PTD/CTD: evaluation sees every token), at evaluation only, or always (post-hoc methods fine-tuned with their reduction)")
     position: str = _f("auto", choices=("auto", "inside", "before"), doc="inside the block (after the attention residual) or before it; auto = the method's default")
     blocks: list = _f([0], doc="0-based block indices of the drop sites")
+    train_only_blocks: list = _f([], doc="further blocks where the method runs in training only and keeps every token (TNT's noise allocator after blocks 0-4)")
     schedule: str = _f("curriculum", choices=("curriculum", "linear", "cosine", "step", "constant"), doc="drop-ratio schedule shape")
     start: float = _f(40.0, lo=0.0, doc="curriculum start epoch t_s")
     end: float = _f(140.0, lo=0.0, doc="curriculum end epoch t_e (> start)")
@@ -245,10 +247,17 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"token_drop.blocks: {td.blocks!r} must be a non-empty list of block indices >= 0")
     if len(set(td.blocks)) != len(td.blocks):
         raise ConfigError(f"token_drop.blocks: {td.blocks!r} names a block twice")
+    extra = td.train_only_blocks
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in extra) or len(set(extra)) != len(extra):
+        raise ConfigError(f"token_drop.train_only_blocks: {extra!r} must be distinct block indices >= 0")
+    if set(extra) & set(td.blocks):
+        raise ConfigError(f"token_drop.train_only_blocks: block {min(set(extra) & set(td.blocks))} is also in token_drop.blocks")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas: {cfg.optim.betas!r} must be two numbers in [0, 1)")
     if (cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0) and cfg.optim.batch_size % 2:
         raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} must be even when Mixup/CutMix is on")
+    if cfg.augment.random_resized_crop and cfg.augment.crop_padding:
+        raise ConfigError("augment.random_resized_crop: use either it or RandomCrop with padding (set augment.crop_padding=0)")
     if cfg.augment.autoaugment and cfg.augment.randaugment_ops:
         raise ConfigError("augment.autoaugment: use either AutoAugment or RandAugment (set augment.randaugment_ops=0)")
 
@@ -256,7 +265,7 @@ def _validate(cfg: Config) -> None:
 def config_path(name_or_path: str) -> Path:
     """Resolve a shipped config name (``cifar100_ptd_mix_ema``) or a YAML path."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():  # a directory named like a shipped config (a run's) is no config
         if not p.is_file():
             raise ConfigError(f"config: file {p} does not exist")
         return p

@@ -136,8 +136,9 @@ def build_transforms(info: DatasetInfo, aug: AugmentConfig, img_size: int, train
     """Train or eval transform from PIL image to normalised tensor (``img_size`` 0 = native side)."""
     size = img_size or info.img_size
     ops: list[Callable] = []
-    # imagefolder images come in any size, so they are always resized.
-    if size != info.img_size or info.name == "imagefolder":
+    if train and aug.random_resized_crop:  # timm's and torchvision's ImageNet default: scale (0.08, 1)
+        ops.append(T.RandomResizedCrop(size, antialias=True))
+    elif size != info.img_size or info.name == "imagefolder":  # imagefolder images come in any size
         ops.append(T.Resize((size, size), antialias=True))
     if train:
         if aug.crop_padding > 0:

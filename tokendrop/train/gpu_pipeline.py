@@ -7,8 +7,8 @@ normal fill), with the parameters and distributions of torchvision's ``RandomCro
 timm's, which already mix on the batch's device. Written device-agnostic: the tests run it on the CPU.
 
 Not done on the device (``auto`` keeps the CPU pipeline for them, ``gpu`` is an error naming them):
-RandAugment, AutoAugment, resizing (``data.img_size`` other than the native side), data sets not held
-in memory (``imagefolder``) and DDP.
+RandAugment, AutoAugment, RandomResizedCrop, resizing (``data.img_size`` other than the native side),
+data sets not held in memory (``imagefolder``) and DDP.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def _unsupported(aug: AugmentConfig, info: DatasetInfo, img_size: int, world: in
         reasons.append("RandAugment (augment.randaugment_ops=0)")
     if aug.autoaugment:
         reasons.append("AutoAugment (augment.autoaugment=false)")
+    if aug.random_resized_crop:
+        reasons.append("RandomResizedCrop (augment.random_resized_crop=false)")
     if img_size and img_size != info.img_size:
         reasons.append(f"resizing (data.img_size=0, the native {info.img_size})")
     if world > 1:

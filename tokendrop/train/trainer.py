@@ -22,9 +22,9 @@ from .. import reduction as red
 from ..device import pick_device
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import Config, ConfigError, config_from_dict, merge_dicts
+from .config import Config, ConfigError, config_from_dict, merge_dicts, shipped_configs
 from .data import build_datasets, build_loaders, model_input_size
-from ..models.pretrained import PretrainedError, load_pretrained
+from ..models.pretrained import PretrainedError, is_checkpoint_path, load_pretrained
 from .distill import build_teacher
 from .optim import build_adamw, group_lr_factor, load_optimizer_state, param_groups
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
@@ -97,9 +97,17 @@ def token_reducer(cfg: Config) -> red.Reducer:
 def build_token_drop(model: nn.Module, cfg: Config) -> None:
     """Attach the config's reduction sites."""
     td = cfg.token_drop
-    if td.enabled:
-        red.attach(model, token_reducer(cfg), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when=td.when,
-                   position=None if td.position == "auto" else td.position, relative_to=td.relative_to)
+    if not td.enabled:
+        return
+    position = None if td.position == "auto" else td.position
+    red.attach(model, token_reducer(cfg), blocks=list(td.blocks), schedule=token_drop_schedule(cfg), when=td.when,
+               position=position, relative_to=td.relative_to)
+    if td.train_only_blocks:  # the method runs there in training without reducing (TNT's noise allocator)
+        try:
+            red.attach(model, token_reducer(cfg), blocks=list(td.train_only_blocks), schedule=red.Constant(1.0),
+                       when="train", position=position, always_reduce=True)
+        except ValueError as e:
+            raise ValueError(f"token_drop.train_only_blocks: {str(e).partition(': ')[2] or e}") from None
 
 
 # Library argument names → the config keys that set them, so errors name what the user can change.
@@ -108,6 +116,19 @@ _ARG_TO_KEY = {"name": "model.name", "img_size": "data.img_size", "in_chans": "d
                "final": "token_drop.final", "position": "token_drop.position",
                "initial": "token_drop.initial", "gamma": "token_drop.gamma", "end": "token_drop.end",
                "start": "token_drop.start", "steps": "token_drop.steps", "keep_rate": "token_drop.keep_rate"}
+
+
+def check_pretrained_file(source: str) -> None:
+    """Fail early (before any data is read) when ``model.pretrained`` names a checkpoint file that is not
+    there; for ``RUNS/NAME/best.pt`` (or ``last.pt``) of a shipped config NAME, say the command that makes it."""
+    path = Path(source).expanduser()
+    if not is_checkpoint_path(source) or path.is_file():
+        return
+    hint = ""
+    if path.name in ("best.pt", "last.pt") and path.parent.name in shipped_configs():
+        hint = f"; make it with: tokendrop train --config {path.parent.name} --out {path.parent}"
+    raise CheckpointError(f"model.pretrained: checkpoint {path} does not exist{hint}")
+
 
 MANY_TOKENS = 1024
 """Above this many tokens per image a run says so, and how to choose a smaller input side."""
@@ -214,6 +235,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
         seed_everything(cfg.seed, cfg.run.deterministic)  # same initial weights (and EMA) on every process
+        if cfg.model.pretrained and not self.resume:
+            check_pretrained_file(cfg.model.pretrained)
 
         train_ds, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed, cfg.model.name)
         self.info = info
@@ -384,7 +407,8 @@ class Trainer:
         return totals
 
     def _drop_ratio(self) -> float:
-        sites = red.sites(self.model)
+        """The config's schedule at its first site (train-only sites keep every token)."""
+        sites = [s for s in red.sites(self.model) if s.block not in self.cfg.token_drop.train_only_blocks]
         return sites[0].drop_ratio if sites else 0.0
 
     def _kept_tokens(self) -> int:
