@@ -113,6 +113,11 @@ def test_choosing_the_pipeline_and_its_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"^data.pipeline: gpu does not support RandAugment") as e:
         G.choose_pipeline("gpu", CPU, train, AugmentConfig(), info, 0)
     assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match=r"^data.pipeline: gpu does not support RandomResizedCrop"):
+        G.choose_pipeline("gpu", CPU, train, dataclasses.replace(NO_AUG, random_resized_crop=True), info, 0)
+    with pytest.raises(ConfigError, match=r"^data.pipeline: gpu does not support resizing"):
+        G.choose_pipeline("gpu", CPU, train, NO_AUG, info, 24)
+    assert G.choose_pipeline("auto", CPU, train, AugmentConfig(), info, 24) is None  # auto never fails
     monkeypatch.setattr(G, "free_memory_bytes", lambda device: 100 * 32 * 32 * 2 - 1)  # half of it < the set's bytes
     with pytest.raises(ConfigError, match=r"^data.pipeline: gpu needs 0 MiB .* use data.pipeline=cpu") as e:
         G.choose_pipeline("gpu", CPU, train, NO_AUG, info, 0)
