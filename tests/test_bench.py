@@ -160,7 +160,7 @@ def test_command_tiny_run(tmp_path, capsys, one_thread):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "2",
                     "--warmup", "1", "--threads", "1", "--data-batches", "2", "--config", str(cfg_path),
-                    "--json", str(out), "--plot", str(png), "--no-progress"]))
+                    "--device", "cpu", "--json", str(out), "--plot", str(png), "--no-progress"]))
     assert rc == 0
     report = json.loads(out.read_text())
     assert {"tool", "command", "machine", "settings", "notes", "rows", "overheads", "projections",
@@ -235,7 +235,7 @@ def test_reducer_option_benchmarks_any_method(tmp_path, capsys, one_thread):
     out = tmp_path / "bench.json"
     rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
                     "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "data", "--reducer", "topk",
-                    "--reducer-args", "{score: l2}", "--json", str(out), "--no-progress"]))
+                    "--device", "cpu", "--reducer-args", "{score: l2}", "--json", str(out), "--no-progress"]))
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["settings"]["reducer"] == "topk" and report["settings"]["reducer_args"] == {"score": "l2"}

@@ -68,7 +68,7 @@ def demo_args(out, *extra):
     return ["demo", "--out", str(out), "--train-subset", "256", "--epochs", "2", *extra]
 
 
-TINY = ["data.workers=0", "run.threads=1", "optim.batch_size=64", "optim.eval_batch_size=450"]
+TINY = ["data.workers=0", "run.threads=1", "optim.batch_size=64", "optim.eval_batch_size=450", "run.device=cpu"]
 
 
 @pytest.fixture

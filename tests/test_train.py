@@ -17,7 +17,8 @@ from tokendrop.train import trainer as trainer_mod
 from tokendrop.train.config import load_config
 
 FAST = ["data.dataset=digits", "data.train_subset=256", "data.val_subset=200", "data.workers=0",
-        "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1"]
+        "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1",
+        "run.device=cpu"]  # pinned: on a GPU machine run.device=auto would pick CUDA (bf16, NCCL for DDP)
 
 
 def sets(*items):
@@ -190,7 +191,10 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(run / "last.pt")]) == 1
 
 
-def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("check_every, steps_run", [(50, 8), (3, 7), (1, 6)])
+def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, capsys, check_every, steps_run):
+    """The NaN planted at step 6 (epoch 2, step 2) stops the run at the next read of the device's flag:
+    every run.nan_check_every steps of an epoch (N = 3: its step 3, step 7 overall) and at its end (step 8)."""
     run = tmp_path / "run"
     calls = {"n": 0}
     real_ce = torch.nn.CrossEntropyLoss.forward
@@ -202,12 +206,15 @@ def test_non_finite_loss_stops_and_keeps_last_good(tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", poisoned)
     code = main(["train", "--config", "fashion_mnist_baseline", "--out", str(run), "--no-progress",
-                 *sets("optim.epochs=3", "augment.mixup_alpha=0", "augment.cutmix_alpha=0")])
+                 *sets("optim.epochs=3", "augment.mixup_alpha=0", "augment.cutmix_alpha=0",
+                       f"run.nan_check_every={check_every}")])
     assert code == 1
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "epoch 2, step 2" in err
+    assert calls["n"] == steps_run
     ckpt = torch.load(run / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 0 and len(read_rows(run)) == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("override, key", [

@@ -97,7 +97,8 @@ def test_distill_kl_matches_formula():
 
 # ------------------------------------------------------------------------- through the trainer
 FAST = ["data.dataset=digits", "data.train_subset=128", "data.val_subset=100", "data.workers=0", "optim.batch_size=64",
-        "optim.eval_batch_size=100", "optim.warmup_epochs=0", "run.threads=1", "ema.enabled=false"]
+        "optim.eval_batch_size=100", "optim.warmup_epochs=0", "run.threads=1", "ema.enabled=false",
+        "run.device=cpu"]
 
 
 def run_cli(out, *items, config="fashion_mnist_baseline"):

@@ -722,7 +722,7 @@ def data_throughput(cfg: Any, batches: int = 40, batch_size: int | None = None) 
         train, _, _ = build_datasets(data_cfg, cfg.augment, cfg.seed, cfg.model.name)
         source = cfg.data.dataset
     except (DatasetNotFoundError, FileNotFoundError) as e:
-        info = dataset_info(cfg.data.dataset, cfg.model.name)
+        info = dataset_info(cfg.data.dataset, cfg.model.name, cfg.data.synthetic)
         n = bs * (batches + burst)
         rng = np.random.default_rng(cfg.seed)
         shape = (n, info.img_size, info.img_size) + (() if info.in_chans == 1 else (info.in_chans,))
@@ -759,7 +759,7 @@ def config_model(cfg: Any) -> tuple[nn.Module, dict]:
     """The config's backbone (no sites) and the ``build_model`` keyword arguments used."""
     from ..train.data import dataset_info
 
-    info = dataset_info(cfg.data.dataset, cfg.model.name)
+    info = dataset_info(cfg.data.dataset, cfg.model.name, cfg.data.synthetic)
     num_classes = info.num_classes
     if num_classes == 0:  # imagefolder: read the class folders
         from ..train.data import build_datasets

@@ -39,14 +39,25 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    channels: int = _f(3, choices=(1, 3), doc="data.dataset=synthetic: image channels (1 or 3)")
+    size: int = _f(32, lo=4, doc="data.dataset=synthetic: image side in pixels")
+    classes: int = _f(100, lo=2, doc="data.dataset=synthetic: number of classes")
+    train_images: int = _f(50000, lo=1, doc="data.dataset=synthetic: training images")
+    val_images: int = _f(10000, lo=1, doc="data.dataset=synthetic: validation images")
+
+
+@dataclass
 class DataConfig:
-    dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder"), doc="data set")
+    dataset: str = _f("cifar100", choices=("cifar10", "cifar100", "fashion-mnist", "digits", "imagefolder", "synthetic"), doc="data set (synthetic: generated, shaped by data.synthetic.*)")
     root: str = _f("data", doc="directory holding (or receiving) the data set files")
     download: bool = _f(True, doc="download CIFAR through torchvision when missing (needs the internet)")
     img_size: int = _f(0, lo=0, doc="input side in pixels; 0 = native: the data set's size (CIFAR 32, Fashion-MNIST 28, digits 32), for imagefolder the model's (32 for hybrid_vit_*, a timm model's pretrained input size)")
     train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
     val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
     workers: int = _f(2, lo=0, doc="DataLoader worker processes")
+    pipeline: str = _f("auto", choices=("auto", "cpu", "gpu"), doc="where training batches are made: cpu = DataLoader workers; gpu = the uint8 set resident on the run's device, augmented there (crop, flip, erasing; not RandAugment/AutoAugment/RandomResizedCrop/resizing/DDP); auto = gpu on CUDA when supported and the set fits in memory")
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
@@ -126,6 +137,7 @@ class RunConfig:
     compile: bool = _f(False, doc="torch.compile the model (CUDA only; optional)")
     deterministic: bool = _f(False, doc="torch.use_deterministic_algorithms where PyTorch allows")
     threads: int = _f(0, lo=0, doc="CPU threads for torch; 0 = PyTorch's default")
+    nan_check_every: int = _f(50, lo=1, doc="read the device's non-finite-loss flag every N training steps (and at each epoch's end): a NaN stops the run at most N steps later, last.pt keeps the last good epoch")
 
 
 @dataclass

@@ -11,6 +11,8 @@ Supported data sets (``DataConfig.dataset``):
   split of 1347 train / 450 val images.
 * ``imagefolder`` — ``torchvision.datasets.ImageFolder`` on ``data.root/train`` and ``data.root/val``; its
   native side is the model's (:func:`model_input_size`), since its images come in any size.
+* ``synthetic`` — generated in memory for benchmarking without data (:func:`synthetic_arrays`), shaped by
+  ``data.synthetic.*``; the same for the same ``seed``.
 
 Images are PIL images (mode ``L`` for one-channel sets) until ``ToTensor``; Mixup/CutMix are applied
 on batches by the trainer, not here. A failed load leaves no directory behind (torchvision's CIFAR download
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision import transforms as T
 
 from ..models.hybrid_vit import BACKBONES
-from .config import AugmentConfig, DataConfig, ModelConfig
+from .config import AugmentConfig, DataConfig, ModelConfig, SyntheticConfig
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the raw idx files."""
@@ -90,7 +92,12 @@ _INFOS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", 10, 1, 32, (0.3055,), (0.3234,)),
     # num_classes is found when the folders are read (build_datasets); the side is the model's (dataset_info).
     "imagefolder": DatasetInfo("imagefolder", 0, 3, 0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Shaped by data.synthetic (dataset_info); about these stats by construction (see synthetic_arrays).
+    "synthetic": DatasetInfo("synthetic", 0, 0, 0, (0.5,), (0.25,)),
 }
+
+SYNTHETIC_NOISE = 64
+"""Half-width (in uint8 levels) of the uniform per-pixel noise on each synthetic class prototype."""
 
 
 def model_input_size(model: str) -> int:
@@ -107,15 +114,20 @@ def model_input_size(model: str) -> int:
     return int(size[-1]) if size else TIMM_DEFAULT_IMG_SIZE
 
 
-def dataset_info(name: str, model: str = ModelConfig.name) -> DatasetInfo:
+def dataset_info(name: str, model: str = ModelConfig.name, synthetic: SyntheticConfig | None = None) -> DatasetInfo:
     """Facts about data set ``name`` as input to ``model``: ``imagefolder`` images come in any size, so their
-    native side is the model's (:func:`model_input_size`); its num_classes is 0 until build time."""
+    native side is the model's (:func:`model_input_size`); its num_classes is 0 until build time. The
+    ``synthetic`` set's shape and classes are ``synthetic``'s (default: :class:`SyntheticConfig`'s)."""
     try:
         info = _INFOS[name]
     except KeyError:
         raise ValueError(f"data.dataset: unknown data set {name!r} (known: {', '.join(_INFOS)})") from None
     if name == "imagefolder":
         info = dataclasses.replace(info, img_size=model_input_size(model))
+    if name == "synthetic":
+        syn = synthetic or SyntheticConfig()
+        info = dataclasses.replace(info, num_classes=syn.classes, in_chans=syn.channels, img_size=syn.size,
+                                   mean=info.mean * syn.channels, std=info.std * syn.channels)
     return info
 
 
@@ -237,6 +249,29 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return big[idx_tr], d.target[idx_tr], big[idx_va], d.target[idx_va]
 
 
+def synthetic_arrays(cfg: SyntheticConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A learnable synthetic data set as uint8 ``(train_x, train_y, val_x, val_y)``, images ``(N, H, W)`` for
+    one channel and ``(N, H, W, C)`` otherwise. Each class has a smooth prototype (uniform 4×4 levels in
+    [0, 255], bilinearly upsampled); an image is its class's prototype plus integer noise uniform in
+    ±:data:`SYNTHETIC_NOISE` per pixel, clipped to [0, 255]. Labels are uniform. Everything follows from
+    ``seed`` (NumPy's PCG64); integer noise keeps the generation cheap."""
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.random((cfg.classes, cfg.channels, 4, 4), dtype=np.float32) * 255)
+    protos = torch.nn.functional.interpolate(low, size=(cfg.size, cfg.size), mode="bilinear", align_corners=False)
+    protos = protos.round().to(torch.int16).permute(0, 2, 3, 1).numpy()  # (classes, H, W, C)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, cfg.classes, n)
+        images = np.empty((n, cfg.size, cfg.size, cfg.channels), dtype=np.uint8)
+        for i in range(0, n, 4096):  # in chunks: int16 copies of all images at once would double the memory
+            part = labels[i:i + 4096]
+            noise = rng.integers(-SYNTHETIC_NOISE, SYNTHETIC_NOISE + 1, size=(len(part), *images.shape[1:]), dtype=np.int16)
+            images[i:i + 4096] = np.clip(protos[part] + noise, 0, 255)
+        return (images[..., 0].copy() if cfg.channels == 1 else images), labels
+
+    return (*draw(cfg.train_images), *draw(cfg.val_images))
+
+
 def _outermost_missing(path: Path) -> Path | None:
     """The outermost directory of ``path`` (``path`` itself included) that does not exist yet, or None."""
     missing = None
@@ -300,7 +335,7 @@ def build_datasets(cfg_data: DataConfig, aug: AugmentConfig, seed: int, model: s
                    ) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Train and val data sets with their transforms for ``model``, and the :class:`DatasetInfo` (num_classes
     and source filled in; ``img_size`` is the native side, which ``data.img_size`` 0 selects)."""
-    info = dataset_info(cfg_data.dataset, model)
+    info = dataset_info(cfg_data.dataset, model, cfg_data.synthetic)
     root = Path(cfg_data.root).expanduser()
     train_tf = build_transforms(info, aug, cfg_data.img_size, train=True)
     val_tf = build_transforms(info, aug, cfg_data.img_size, train=False)
@@ -311,6 +346,12 @@ def build_datasets(cfg_data: DataConfig, aug: AugmentConfig, seed: int, model: s
     elif info.name == "digits":
         xtr, ytr, xva, yva = digits_arrays()
         train, val, source = ArrayDataset(xtr, ytr, train_tf), ArrayDataset(xva, yva, val_tf), "scikit-learn's bundled digits"
+    elif info.name == "synthetic":
+        xtr, ytr, xva, yva = synthetic_arrays(cfg_data.synthetic, seed)
+        syn = cfg_data.synthetic
+        names = [str(c) for c in range(syn.classes)]
+        train, val = ArrayDataset(xtr, ytr, train_tf, names), ArrayDataset(xva, yva, val_tf, names)
+        source = f"generated ({syn.train_images} + {syn.val_images} images, {syn.channels}×{syn.size}², {syn.classes} classes, seed {seed})"
     else:
         train, val, source = _load_imagefolder(root, train_tf, val_tf)
         info = dataclasses.replace(info, num_classes=len(train.classes))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 REDUCER_MARK = ".token_site."
@@ -78,3 +79,28 @@ def group_lr_factor(group: dict, schedule_factor: float, epoch: float) -> float:
     if epoch < group.get("freeze_epochs", 0.0):
         return 0.0
     return schedule_factor * group.get("lr_scale", 1.0)
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+"""Device types that get AdamW's fused kernel. On this project's CPU it takes a quarter of the per-tensor
+loop's time (and the foreach kernel more than the loop), so the CPU gets it too."""
+
+
+def adamw_kernel(device: torch.device) -> dict[str, bool]:
+    """AdamW's implementation for ``device``: the fused kernel on CUDA and the CPU, the multi-tensor (foreach)
+    one elsewhere."""
+    fused = device.type in FUSED_ADAMW_DEVICES
+    return {"fused": fused, "foreach": not fused}
+
+
+def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (see :func:`param_groups`) with :func:`adamw_kernel`'s implementation."""
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **adamw_kernel(device))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
+    """Load an optimizer state dict saved on any device, keeping the implementation chosen for ``device``
+    (a state dict carries its own ``fused``/``foreach`` flags, which would otherwise replace ours)."""
+    kernel = adamw_kernel(device)
+    state = {**state, "param_groups": [{**g, **kernel} for g in state["param_groups"]]}
+    optimizer.load_state_dict(state)

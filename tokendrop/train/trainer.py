@@ -3,7 +3,6 @@ Mixup/CutMix, EMA, token-drop curriculum, per-epoch metrics, atomic checkpoints,
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import random
@@ -26,16 +25,19 @@ from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic
 from .config import Config, ConfigError, config_from_dict, merge_dicts, shipped_configs
 from .data import build_datasets, build_loaders, model_input_size
 from ..models.pretrained import PretrainedError, is_checkpoint_path, load_pretrained
-from .distill import build_teacher, distill_kl
-from .optim import group_lr_factor, param_groups
+from .distill import build_teacher
+from .optim import build_adamw, group_lr_factor, load_optimizer_state, param_groups
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
 from .ema import build_ema
+from .gpu_pipeline import DeviceLoader, choose_pipeline
+from .step import NonFiniteLossError, StepTotals, TrainStep, autocast_context
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_raw", "val_loss_ema", "val_acc_ema",
                   "lr", "drop_ratio", "kept_tokens", "epoch_time_sec", "train_imgs_per_sec")
 
 
-RESUME_FREE_KEYS = ("run.device", "run.threads", "run.compile", "data.workers", "data.root", "data.download")
+RESUME_FREE_KEYS = ("run.device", "run.threads", "run.compile", "run.nan_check_every", "data.workers", "data.root",
+                    "data.download")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -55,17 +57,6 @@ def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_FR
     a, b = _flatten(old), _flatten(new)
     return sorted(k for k in a.keys() | b.keys()
                   if k not in ignore and a.get(k, defaults.get(k)) != b.get(k, defaults.get(k)))
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``auto``/``bf16``), full precision elsewhere."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -186,17 +177,17 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> EvalResult:
-    """Cross-entropy and top-1 accuracy (percent) over ``loader``, summed over all processes."""
+    """Cross-entropy and top-1 accuracy (percent) over ``loader``, summed over all processes (the sums stay
+    on the device until the end)."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    sums, count = torch.zeros(2, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device), 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-        correct += (logits.argmax(1) == targets).sum().item()
+        sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), (logits.argmax(1) == targets).sum()])
         count += targets.numel()
-    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device)
+    loss_sum, correct, count = all_reduce_sum([*sums.tolist(), float(count)], device)
     return EvalResult(loss_sum / max(count, 1), 100.0 * correct / max(count, 1), int(count))
 
 
@@ -255,6 +246,10 @@ class Trainer:
         self.train_loader, self.val_loader, self.sampler = build_loaders(
             train_ds, val_ds, cfg.optim.batch_size, cfg.optim.eval_batch_size, cfg.data.workers, cfg.seed,
             drop_last=self.mixup_on, distributed=self.world > 1)
+        arrays = choose_pipeline(cfg.data.pipeline, self.device, train_ds, cfg.augment, info, cfg.data.img_size, self.world)
+        if arrays is not None:
+            self.train_loader = DeviceLoader(arrays, train_ds, info, cfg.augment, cfg.optim.batch_size, self.mixup_on,
+                                             self.device)
         if len(self.train_loader) == 0:
             raise ValueError(f"optim.batch_size: {cfg.optim.batch_size} is larger than each process's share of the "
                              f"training set ({len(train_ds) // self.world} images)")
@@ -263,7 +258,8 @@ class Trainer:
 
         self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
         if self.is_main:  # after the checks of data and model, so that a bad value gives one line only
-            print(f"data: {info.name} from {info.source}", file=sys.stderr)
+            where = f"; training batches made on {self.device}" if arrays is not None else ""
+            print(f"data: {info.name} from {info.source}{where}", file=sys.stderr)
         if cfg.model.pretrained and not self.resume:
             self._load_pretrained()
         self.teacher = None
@@ -274,7 +270,7 @@ class Trainer:
         o = cfg.optim
         groups = param_groups(self.model, o.weight_decay, o.reducer_lr_scale, o.backbone_lr_scale,
                               o.backbone_freeze_epochs, o.trainable)
-        self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+        self.optimizer = build_adamw(groups, o.lr, tuple(o.betas), self.device)
         per_epoch = 1 if o.lr_unit == "epoch" else self.steps_per_epoch
         total, warm = o.epochs * per_epoch, o.warmup_epochs * per_epoch
         self.lr_schedule = lambda t: lr_factor(t, warm, total, o.min_lr_ratio)
@@ -302,6 +298,10 @@ class Trainer:
         else:
             self.mixup = None
             self.loss_fn = nn.CrossEntropyLoss(label_smoothing=o.label_smoothing)
+        d = cfg.distill
+        self.train_step = TrainStep(self.model, self.net, self.optimizer, self.loss_fn, self.device, amp=cfg.run.amp,
+                                    clip_grad=o.clip_grad, ema=self.ema, teacher=self.teacher, distill_weight=d.weight,
+                                    distill_temperature=d.temperature)
 
         self.start_epoch, self.best_acc = 0, -1.0
         if self.resume:
@@ -340,7 +340,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"])
             if self.ema is not None:
                 self.ema.load_state_dict(ckpt["ema"])
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"], self.device)
             self.scheduler.load_state_dict(ckpt["scheduler"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]})") from None
@@ -371,7 +371,8 @@ class Trainer:
         gen = getattr(self.train_loader, "generator", None)
         if gen is not None:  # data order depends only on (seed, epoch): resumable
             gen.manual_seed((cfg.seed + self.rank) * 1_000_003 + epoch)
-        loss_sum, correct, seen, lr_sum = 0.0, 0.0, 0, 0.0
+        lr_sum, check_every = 0.0, cfg.run.nan_check_every
+        self.train_step.reset()
         start = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"{self.label}epoch {epoch + 1}/{cfg.optim.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (self.progress and self.is_main), file=sys.stderr)
@@ -379,44 +380,31 @@ class Trainer:
             if cfg.token_drop.per_step:
                 red.set_epoch(self.model, epoch + step / self.steps_per_epoch)
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            labels = targets
+            labels = targets  # accuracy against the unmixed labels, as the reference
             if self.mixup is not None:
                 images, targets = self.mixup(images, targets)
-            with autocast_context(device, cfg.run.amp):
-                red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
-                logits = self.net(images)
-                loss = self.loss_fn(logits.float(), targets) + red.aux_loss(self.model)
-                if self.teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = self.teacher(images)
-                    loss = loss + cfg.distill.weight * distill_kl(logits, teacher_logits, cfg.distill.temperature)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # always: under DDP every process must join the gradient all-reduce
-            # The norm of the all-reduced gradients is NaN on every process if any process's loss was, so
-            # all processes stop at the same step. inf = measure without clipping.
-            norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad or float("inf"))
-            if not (torch.isfinite(loss) and torch.isfinite(norm)):
-                raise NonFiniteLossError(f"non-finite loss or gradient (loss {loss.item()}) at epoch {epoch + 1}, "
-                                         f"step {step + 1}; {self.out_dir / 'last.pt'} keeps the last good epoch")
             lr_sum += self.schedule_lr()
-            self.optimizer.step()
+            self.train_step(images, targets, labels)
             if cfg.optim.lr_unit == "step":
                 self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.model)
-            n = labels.numel()
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == labels).sum().item()  # against the unmixed labels, as the reference
-            seen += n
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}",
-                            drop=f"{self._drop_ratio():.3f}", refresh=False)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            if (step + 1) % check_every == 0:
+                totals = self._check_finite(epoch)
+                bar.set_postfix(loss=f"{totals.loss_sum / totals.seen:.3f}", acc=f"{100 * totals.correct / totals.seen:.1f}",
+                                drop=f"{self._drop_ratio():.3f}", refresh=False)
+        totals = self._check_finite(epoch)  # synchronises the device: the epoch's work is done
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen_all = all_reduce_sum([loss_sum, correct, float(seen)], device)
+        loss_sum, correct, seen_all = all_reduce_sum([totals.loss_sum, totals.correct, float(totals.seen)], device)
         return {"train_loss": loss_sum / seen_all, "train_acc": 100 * correct / seen_all,
                 "lr": lr_sum / self.steps_per_epoch,  # the mean over the epoch's steps (per-step schedules)
                 "epoch_time_sec": elapsed, "train_imgs_per_sec": seen_all / elapsed}
+
+    def _check_finite(self, epoch: int) -> StepTotals:
+        """Read the step's sums; stop the run if a step since the epoch began had a non-finite loss or gradient."""
+        totals = self.train_step.poll()
+        if totals.first_bad >= 0:
+            raise NonFiniteLossError(f"non-finite loss or gradient at epoch {epoch + 1}, step {totals.first_bad + 1} "
+                                     f"(seen at step {self.train_step.steps}); {self.out_dir / 'last.pt'} keeps the last good epoch")
+        return totals
 
     def _drop_ratio(self) -> float:
         """The config's schedule at its first site (train-only sites keep every token)."""
