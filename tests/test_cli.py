@@ -117,7 +117,7 @@ def test_configs_name_their_papers(capsys):
         assert reproduces.startswith((*keys, "CPU-sized counterpart of cifar100_")), line
     assert sorted(listed) == shipped_configs()
     cited = [p for p in PAPERS if any(r.startswith(p.key) for r in listed.values())]
-    assert {p.key for p in cited} == {"PTD report (Chaudhary)", "CTD (Chaudhary 2024)"}
+    assert {p.key for p in cited} == {"PTD report (Chaudhary)", "CTD (Chaudhary 2024)", "TPC-ViT (Zhu)"}
     for p in cited:  # each cited paper with its title, authors and link
         assert f"  {p.key}: {p.citation()}" in out and p.title in out and p.link in out
     assert "seed" not in out.lower()
