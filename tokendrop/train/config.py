@@ -119,7 +119,7 @@ class TPCConfig:
     enabled: bool = _f(False, doc="TPC-ViT: per-token halting over all blocks (attach_tpc after the pretrained weights are loaded); excludes token_drop.enabled")
     mode: str = _f("masked", doc="masked (every token computed, halted ones masked: the paper's way) or packed (each block runs only its running tokens; same result)")
     gamma: float = _f(5.0, doc="gate scale γ of σ(γ·y_i − β)")
-    beta: float = _f(40.0, doc="gate shift β, subtracted (read as +β every token halts at block 0); threshold β/γ")
+    beta: float = _f(40.0, doc="gate shift β, subtracted as A-ViT does (the paper's literal +β halts every token at block 0); the gate opens at y_i ≈ β/γ")
     dims: list = _f([0, 1], doc="block-output channels (i₁, i₂) feeding the pause and non-restart gates")
     restart_gate: bool = _f(True, doc="false: non-restart probability 1, b = P1 (A-ViT's gate)")
     delta: float = _f(0.01, doc="a token halts once its cumulative break probability reaches 1 − δ, δ in (0, 1)")
