@@ -213,7 +213,9 @@ def test_bench_tpc_measures_a_tpc_run(tpc_run, tmp_path, capsys):
     out = tmp_path / "tpc.json"
     assert bench(["--tpc", str(tpc_run / "last.pt"), "--batch-sizes", "1", "4", "--rounds", "1", "--warmup", "0",
                   "--tpc-images", "8", "--threads", "1", "--json", str(out), "--no-progress"]) == 0
-    t = json.loads(out.read_text())["tpc"]
+    report = json.loads(out.read_text())
+    assert report["command"].startswith(f"tokendrop bench --tpc {tpc_run / 'last.pt'} --tpc-images 8 --batch-sizes 1 4")
+    t = report["tpc"]
     assert t["images"] == 8 and t["tokens"] == TOKENS and t["blocks"] == DEPTH and t["dataset"] == "digits"
     assert t["mean_tokens"][0] == TOKENS and sum(t["depth_histogram"]) == 8 * TOKENS
     assert t["mean_depth"] == pytest.approx(sum(t["mean_tokens"]) / TOKENS)
@@ -231,6 +233,7 @@ def test_bench_tpc_measures_a_tpc_run(tpc_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["--tpc", "fashion_mnist_tpc", "--model", "hybrid_vit_tiny"], "--model"),
     (["--tpc-set", "tpc.kappa=null"], "--tpc-set"),
+    (["--tpc-images", "8"], "--tpc-images"),
     (["--tpc", "no_such_config"], "--tpc"),
     (["--tpc", "fashion_mnist_tpc", "--tpc-set", "tpc.delta=2"], "tpc.delta"),
     (["--tpc", "fashion_mnist_tpc", "--tpc-images", "0"], "--tpc-images"),

@@ -153,7 +153,7 @@ def _check_tpc(args: argparse.Namespace) -> Options:
     from .tpc import tpc_source
 
     if args.tpc is None:
-        raise UsageError("--tpc-set: only applies to --tpc")
+        raise UsageError(f"{'--tpc-set' if args.tpc_set else '--tpc-images'}: only applies to --tpc")
     for flag, name, default in _GRID_ONLY:
         if getattr(args, name) != default:
             raise UsageError(f"{flag}: not used with --tpc (it measures the model of its source)")
@@ -181,7 +181,7 @@ def check_args(args: argparse.Namespace) -> Options:
     from ..train.config import ConfigError, load_config
     from .speed import resolve_device
 
-    if args.tpc is not None or args.tpc_set:
+    if args.tpc is not None or args.tpc_set or args.tpc_images != "256":
         return _check_tpc(args)
     models = list(args.model)
     depths = {}
@@ -265,6 +265,8 @@ def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
+    if args.tpc is not None:
+        return _tpc_command_line(args)
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
     if args.reducer != "topk" or args.reducer_args.strip() not in ("", "{}"):
@@ -284,18 +286,24 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--skip", *args.skip]
     if str(args.seed) != "0":
         parts += ["--seed", str(args.seed)]
-    if args.tpc is not None:
-        parts = ["tokendrop", "bench", "--tpc", args.tpc, *[x for s in args.tpc_set for x in ("--tpc-set", s)],
-                 "--tpc-images", str(args.tpc_images), "--batch-sizes", *map(str, args.batch_sizes), "--device",
-                 args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
-        if str(args.threads) != "0":
-            parts += ["--threads", str(args.threads)]
-        if str(args.seed) != "0":
-            parts += ["--seed", str(args.seed)]
     if args.json:
         parts += ["--json", args.json]
     if args.plot:
         parts += ["--plot", args.plot]
+    return shlex.join(parts)
+
+
+def _tpc_command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``tokendrop bench --tpc`` command line of ``args``."""
+    parts = ["tokendrop", "bench", "--tpc", args.tpc, *[x for s in args.tpc_set for x in ("--tpc-set", s)],
+             "--tpc-images", str(args.tpc_images), "--batch-sizes", *map(str, args.batch_sizes), "--device",
+             args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    if str(args.threads) != "0":
+        parts += ["--threads", str(args.threads)]
+    if str(args.seed) != "0":
+        parts += ["--seed", str(args.seed)]
+    if args.json:
+        parts += ["--json", args.json]
     return shlex.join(parts)
 
 

@@ -88,9 +88,10 @@ def layer_counts(model: nn.Module, images: torch.Tensor, batch_size: int) -> tup
     """Eval-mode halting of TPC ``model`` on ``images`` (in batches): (L, n) tokens each block processed per
     image (CLS included) and (n, N) the 1-based halting depth of every token."""
     model.eval()
+    device = next(model.parameters()).device
     counts, depth = [], []
     for chunk in images.split(batch_size):
-        model(chunk)
+        model(chunk.to(device))
         stats = last_stats(model)
         counts.append(stats.counts.cpu())
         depth.append(stats.depth.cpu())
@@ -136,9 +137,8 @@ def _batch(images: torch.Tensor, size: int) -> torch.Tensor:
 def measure_tpc_speed(models: TPCModels, images: torch.Tensor, batch_sizes: Sequence[int], device: torch.device,
                       rounds: int = 5, warmup: int = 2, seed: int = 0,
                       on_round: Callable[[], None] | None = None) -> list[TPCSpeed]:
-    """Time inference of the three models on the first images (per batch size) in interleaved rounds."""
-    for m in (models.dense, models.masked, models.packed):
-        m.to(device)
+    """Time inference of the three models (on ``device``) on the first images, per batch size, in
+    interleaved rounds."""
     out = []
     for bs in batch_sizes:
         batch = _batch(images, bs).to(device)
@@ -159,10 +159,12 @@ def tpc_report(model: nn.Module, images: torch.Tensor, batch_sizes: Sequence[int
                on_round: Callable[[], None] | None = None) -> dict[str, Any]:
     """MACs from the halting of ``images`` (counted in batches of ``count_batch``), packed = masked check,
     and the speed of every batch size, as a JSON-ready dict."""
-    models = tpc_variants(model.cpu())
+    models = tpc_variants(model)
+    for m in (models.dense, models.masked, models.packed):
+        m.to(device)
     counts, depth = layer_counts(models.packed, images, count_batch)
     with torch.inference_mode():
-        probe = images[:count_batch]
+        probe = images[:count_batch].to(device)
         diff = (models.masked(probe) - models.packed(probe)).abs().max().item()
     tokens = int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 1))
     params = controller(models.packed).params

@@ -461,7 +461,7 @@ class Trainer:
         if self.ema is not None:
             broadcast_buffers(self.ema)
         meter = TPCMeter(self.model) if cfg.tpc.enabled else None
-        raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp, meter and meter.update)
+        raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp, meter.update if meter else None)
         row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
         if meter is not None:  # the raw weights' validation pass, in eval mode
             row.update(meter.row(self.device))
