@@ -118,7 +118,7 @@ def test_configs_name_their_papers(capsys):
     assert sorted(listed) == shipped_configs()
     cited = [p for p in PAPERS if any(r.startswith(p.key) for r in listed.values())]
     assert {p.key for p in cited} == {"PTD report (Chaudhary)", "CTD (Chaudhary 2024)", "TNT (Rao et al. 2024)",
-                                      "Which Tokens to Use? (Haurum et al.)"}
+                                      "Which Tokens to Use? (Haurum et al.)", "TPC-ViT (Zhu)"}
     for p in cited:  # each cited paper with its title, authors and link
         assert f"  {p.key}: {p.citation()}" in out and p.title in out and p.link in out
     assert "seed" not in out.lower()

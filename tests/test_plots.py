@@ -139,3 +139,57 @@ def test_missing_or_empty_metrics(tmp_path):
     with pytest.raises(ValueError, match="no epochs"):
         plots.plot_run(run)
     assert not (run / "plots").exists() or not any((run / "plots").iterdir())
+
+
+def write_tpc_run(run_dir: Path, epochs: int = 5) -> Path:
+    """A run with TPC columns: 4 blocks, 50 tokens, halting moving earlier epoch by epoch."""
+    write_run(run_dir, epochs=epochs)
+    lines = (run_dir / "metrics.csv").read_text().splitlines()
+    depth, tokens = 4, 50
+    head = [f"tpc_active_l{i}" for i in range(depth)] + [f"tpc_halted_l{i}" for i in range(depth)] + ["tpc_depth"]
+    out = [lines[0] + "," + ",".join(head)]
+    for e, line in enumerate(lines[1:]):
+        halted = [0.0, 2.0 * e, 3.0 * e, tokens - 5.0 * e]
+        active = [tokens - sum(halted[:i]) for i in range(depth)]
+        mean = sum((i + 1) * h for i, h in enumerate(halted)) / tokens
+        out.append(line + "," + ",".join(f"{v:g}" for v in (*active, *halted, mean)))
+    (run_dir / "metrics.csv").write_text("\n".join(out) + "\n")
+    return run_dir
+
+
+def test_tpc_plots(tmp_path, monkeypatch):
+    """A TPC run adds the per-block token curves (first and last epoch among them) and the halting-depth
+    histogram of the last epoch, with integer ticks on the token axes."""
+    from matplotlib.figure import Figure
+
+    run = write_tpc_run(tmp_path / "tpc")
+    seen: dict[str, Figure] = {}
+    save = Figure.savefig
+
+    def spy(fig, fname, *args, **kwargs):
+        seen[Path(fname).name] = fig
+        return save(fig, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    paths = plots.plot_run(run)
+    assert [p.name for p in paths] == RUN_PLOTS + ["tpc_active.png", "tpc_depth.png"]
+    for p in paths:
+        assert_png(p)
+    (ax,) = seen["tpc_active.png"].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["epoch 0", "epoch 1", "epoch 2", "epoch 3", "epoch 4 (last)"]
+    assert list(lines["epoch 4 (last)"].get_ydata()) == [50, 50, 42, 30]  # 50 − cumulative halted
+    assert list(lines["epoch 0"].get_xdata()) == [0, 1, 2, 3]
+    ax_h, ax_d = seen["tpc_depth.png"].axes
+    assert [b.get_height() for b in ax_h.patches] == [0, 8, 12, 30]  # the last epoch's histogram
+    assert [b.get_x() + b.get_width() / 2 for b in ax_h.patches] == [1, 2, 3, 4]  # depths 1..L
+    assert ax_d.get_lines()[0].get_ydata()[-1] == pytest.approx((8 * 2 + 12 * 3 + 30 * 4) / 50)
+    for axis in (ax.yaxis, ax_h.yaxis, ax_h.xaxis):
+        lo, hi = axis.get_view_interval()
+        ticks = [t for t in axis.get_ticklocs() if lo <= t <= hi]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_tpc_plots_pick_at_most_six_epochs(tmp_path, drawn):
+    plots.plot_run(write_tpc_run(tmp_path / "long", epochs=11))
+    assert drawn["tpc_active.png"] == ["epoch 0", "epoch 2", "epoch 4", "epoch 6", "epoch 8", "epoch 10 (last)"]

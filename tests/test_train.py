@@ -15,6 +15,7 @@ import tokendrop as td
 from tokendrop.cli import main
 from tokendrop.train import trainer as trainer_mod
 from tokendrop.train.config import load_config
+from tokendrop.train.tpc import attach_run_tpc
 
 FAST = ["data.dataset=digits", "data.train_subset=256", "data.val_subset=200", "data.workers=0",
         "optim.batch_size=64", "optim.eval_batch_size=200", "optim.warmup_epochs=1", "run.threads=1",
@@ -350,3 +351,5 @@ def test_every_shipped_config_loads_and_builds():
         cfg = load_config(name)
         model = trainer_mod.build_run_model(cfg, 10, 3, 32)
         assert len(td.sites(model)) == (len(cfg.token_drop.blocks) if cfg.token_drop.enabled else 0)
+        attach_run_tpc(model, cfg)
+        assert (td.tpc.controller(model) is not None) == cfg.tpc.enabled

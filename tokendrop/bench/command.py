@@ -2,7 +2,8 @@
 
 The main CLI adds :func:`add_arguments` to its ``bench`` sub-parser and calls :func:`run`; this module
 also runs alone: ``python -m tokendrop.bench.command --model hybrid_vit_ptd --drop-ratios 0 0.35``.
-The measuring functions live in :mod:`tokendrop.bench.speed`.
+The measuring functions live in :mod:`tokendrop.bench.speed`; ``--tpc`` (TPC-ViT's MACs and packed/masked
+speed) in :mod:`tokendrop.bench.tpc`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every --config, e.g. optim.epochs=100")
+    parser.add_argument("--tpc", metavar="SOURCE",
+                        help="measure TPC-ViT instead of the drop grid: a run's checkpoint (a TPC run: its config and "
+                             "weights; a plain run: its weights with TPC attached) or a config (weights from "
+                             "model.pretrained); MACs from the halting of its validation images, inference of "
+                             "packed against dense and masked at --batch-sizes")
+    parser.add_argument("--tpc-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of the --tpc source, e.g. tpc.kappa=null or data.root=DIR")
+    parser.add_argument("--tpc-images", default="256", metavar="N",
+                        help="validation images whose halting gives the MACs (default 256)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--rounds", default="5", metavar="R", help="interleaved timing rounds (default 5)")
     parser.add_argument("--warmup", default="2", metavar="W", help="untimed steps per variant first (default 2)")
@@ -127,6 +137,47 @@ class Options:
     reducer: str = "topk"
     reducer_args: dict = dataclasses.field(default_factory=dict)
     tome_r: list[int] | None = None
+    tpc: str | None = None
+    tpc_config: Any = None
+    tpc_state: dict | None = None
+    tpc_images: int = 256
+
+
+# With --tpc these keep their defaults: they describe the drop grid and the projections.
+_GRID_ONLY = (("--model", "model", ["hybrid_vit_ptd"]), ("--drop-ratios", "drop_ratios", list(DEFAULT_DROPS)),
+              ("--blocks", "blocks", ["0"]), ("--reducer", "reducer", "topk"), ("--reducer-args", "reducer_args", "{}"),
+              ("--config", "config", []), ("--set", "set", []), ("--memory-blocks", "memory_blocks", None),
+              ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None))
+
+
+def _check_tpc(args: argparse.Namespace) -> Options:
+    """The options of ``--tpc``: its source and the timing options."""
+    from ..train.checkpoint import CheckpointError
+    from ..train.config import ConfigError
+    from .speed import resolve_device
+    from .tpc import tpc_source
+
+    if args.tpc is None:
+        raise UsageError(f"{'--tpc-set' if args.tpc_set else '--tpc-images'}: only applies to --tpc")
+    for flag, name, default in _GRID_ONLY:
+        if getattr(args, name) != default:
+            raise UsageError(f"{flag}: not used with --tpc (it measures the model of its source)")
+    try:
+        cfg, state = tpc_source(args.tpc, list(args.tpc_set))
+    except (ConfigError, CheckpointError) as e:
+        raise UsageError(f"--tpc {args.tpc}: {e}") from None
+    batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
+    for n in batch_sizes:
+        if n < 1:
+            raise UsageError(f"--batch-sizes: {n} is outside the allowed range [1, inf)")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Options([], {}, [], [], batch_sizes, [], device, _one(args.rounds, "--rounds", 1),
+                   _one(args.warmup, "--warmup", 0), 0, 0, _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0),
+                   set(), [], tpc=args.tpc, tpc_config=cfg, tpc_state=state,
+                   tpc_images=_one(args.tpc_images, "--tpc-images", 1))
 
 
 def check_args(args: argparse.Namespace) -> Options:
@@ -135,6 +186,8 @@ def check_args(args: argparse.Namespace) -> Options:
     from ..train.config import ConfigError, load_config
     from .speed import resolve_device
 
+    if args.tpc is not None or args.tpc_set or args.tpc_images != "256":
+        return _check_tpc(args)
     models = list(args.model)
     depths = {}
     for name in models:
@@ -222,6 +275,8 @@ def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
 
 def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
+    if args.tpc is not None:
+        return _tpc_command_line(args)
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
     if args.tome_r is not None:
@@ -247,6 +302,20 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--json", args.json]
     if args.plot:
         parts += ["--plot", args.plot]
+    return shlex.join(parts)
+
+
+def _tpc_command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``tokendrop bench --tpc`` command line of ``args``."""
+    parts = ["tokendrop", "bench", "--tpc", args.tpc, *[x for s in args.tpc_set for x in ("--tpc-set", s)],
+             "--tpc-images", str(args.tpc_images), "--batch-sizes", *map(str, args.batch_sizes), "--device",
+             args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    if str(args.threads) != "0":
+        parts += ["--threads", str(args.threads)]
+    if str(args.seed) != "0":
+        parts += ["--seed", str(args.seed)]
+    if args.json:
+        parts += ["--json", args.json]
     return shlex.join(parts)
 
 
@@ -293,6 +362,9 @@ def measure(opts: Options, progress: bool = True) -> dict:
 
     from ..models import build_model
     from . import speed as S
+
+    if opts.tpc is not None:
+        return measure_tpc(opts, progress)
 
     device = opts.device
     n_drops = len({0.0, *opts.drops})
@@ -377,6 +449,66 @@ def measure(opts: Options, progress: bool = True) -> dict:
     return report
 
 
+TPC_NOTES = [
+    "TPC-ViT: MACs per image, forward, analytic from the per-layer token counts of the validation images (CLS "
+    "included): backbone on the tokens each block processed, the stabiliser's distance ranking (H·n²·d + H·n·d "
+    "where κ < n) and the gates (4n + C per block); masked computes every token; dense is the model without TPC. "
+    "The papers' \"GFLOPs\" are these GMACs.",
+    "Timing: per batch size, interleaved rounds of inference (eval mode, inference_mode) of dense (the baseline), "
+    "masked and packed TPC on the same validation images; speed-ups are medians of paired ratios. packed pads each "
+    "block to the batch's longest image: padded_ideal_speedup is the MAC ratio at those counts.",
+]
+
+
+def measure_tpc(opts: Options, progress: bool = True) -> dict:
+    """The ``--tpc`` measurement of checked :class:`Options`, as a JSON-ready dict."""
+    import torch
+
+    from . import speed as S
+    from ..train.trainer import build_eval_model
+    from .tpc import tpc_report, validation_images
+
+    cfg = opts.tpc_config
+    bar = _progress(len(opts.batch_sizes) * opts.rounds, progress)
+    try:
+        torch.manual_seed(opts.seed)
+        images, info = validation_images(cfg, max(opts.tpc_images, *opts.batch_sizes))
+        model = build_eval_model(cfg, info, opts.tpc_state, f"--tpc {opts.tpc}")
+        result = tpc_report(model, images[:opts.tpc_images], opts.batch_sizes, opts.device, opts.rounds, opts.warmup,
+                            opts.seed, on_round=lambda: bar.update(1))
+    finally:
+        bar.close()
+    result.update(source=opts.tpc, model=cfg.model.name, mode_trained=cfg.tpc.mode, dataset=info.name)
+    report = {"tool": "tokendrop bench", "machine": S.machine_info(opts.device), "notes": TPC_NOTES,
+              "settings": {"tpc": opts.tpc, "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
+                           "warmup": opts.warmup, "tpc_images": opts.tpc_images, "seed": opts.seed},
+              "tpc": result, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
+
+
+def format_tpc(t: dict) -> list[str]:
+    """The stdout lines of a ``--tpc`` result."""
+    g, p = t["gmacs"], t["params"]
+    lines = [f"TPC-ViT {t['source']} ({t['model']}, {t['blocks']} blocks, {t['tokens']} tokens, κ {p['kappa']}, "
+             f"gate σ({p['gamma']:g}·y − {p['beta']:g}); {t['images']} validation images of {t['dataset']}):",
+             "  tokens per block (mean): " + " ".join(f"{n:.1f}" for n in t["mean_tokens"])
+             + f"; mean halting depth {t['mean_depth']:.2f}",
+             f"  GMACs per image: dense {g['dense']:.4f}, masked {g['masked']:.4f}, packed {g['packed']:.4f} (backbone "
+             f"{g['backbone']:.4f} + stabiliser {g['stabiliser']:.4f} + gates {g['gates']:.6f}); ideal speed-up packed "
+             f"{g['ideal_speedup_packed']:.3f}×, masked {g['ideal_speedup_masked']:.3f}×",
+             f"  packed − masked logits: max |Δ| {t['packed_vs_masked_max_abs_logit_diff']:.2e}", ""]
+    head = (f"{'bs':>5}{'dense ms':>10}{'masked ms':>11}{'packed ms':>11}{'packed×':>9}{'masked×':>9}"
+            f"{'packed/masked':>15}{'ideal':>7}{'padded ideal':>14}")
+    lines += [head, "-" * len(head)]
+    for s in t["speed"]:
+        lines.append(f"{s['batch_size']:>5}{1e3 * s['dense']['median_s']:>10.2f}{1e3 * s['masked']['median_s']:>11.2f}"
+                     f"{1e3 * s['packed']['median_s']:>11.2f}{s['packed']['speedup']:>9.3f}{s['masked']['speedup']:>9.3f}"
+                     f"{s['packed_over_masked']:>15.3f}{s['ideal_speedup']:>7.3f}{s['padded_ideal_speedup']:>14.3f}")
+    return lines
+
+
 def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict, dict | None]:
     """Projected whole-run speed-up of ``cfg``'s schedule, and its data pipeline's rate beside the model's."""
     import torch
@@ -441,6 +573,8 @@ def format_report(report: dict) -> str:
              f"{m['date']}",
              "speed-ups: median of paired ratios against d = 0 (interleaved rounds); min×: ratio of the fastest steps; "
              "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
+    if "tpc" in report:
+        return "\n".join([lines[0], "", *format_tpc(report["tpc"])])
     head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
             f"{'eff':>6}{'min×':>7}{'infer ms':>10}{'infer×':>8}{'eff':>6}{'GMAC cnt':>10}{'GMAC ana':>10}{'diff%':>7}"
             f"{'mem MB':>9}{'mem/0':>7}")

@@ -261,6 +261,11 @@ class PairedTiming:
         q = statistics.quantiles(vals, n=4, method="inclusive")
         return q[0], q[2]
 
+    def speedup_over(self, name: str, reference: str) -> float:
+        """Median over rounds of ``time(reference) / time(name)`` for two variants timed in the same rounds
+        (> 1: ``name`` is faster)."""
+        return statistics.median(r / t for t, r in zip(self.variants[name], self.variants[reference]))
+
     def overhead(self, name: str) -> float:
         """Median over rounds of ``time / reference − 1`` (a fraction; > 0: slower than the baseline)."""
         return statistics.median(self._ratios(name)) - 1.0

@@ -59,9 +59,9 @@ class TPCParams:
     mode: str = "masked"
     learn_gates: bool = False
 
-    def check(self, depth: int, width: int) -> None:
+    def check(self, depth: int | None = None, width: int | None = None) -> None:
         """Raise ``ValueError`` naming the first parameter outside its range for a model of ``depth`` blocks
-        and token width ``width``."""
+        and token width ``width`` (None: the bounds that need the model are not checked, as for a config)."""
         for name, allowed in (("mode", MODES), ("restart_mode", RESTART_MODES), ("regularise", REGULARISE),
                               ("distribution", DISTRIBUTIONS), ("metric", METRICS)):
             if getattr(self, name) not in allowed:
@@ -80,11 +80,13 @@ class TPCParams:
         if self.kappa is not None and (isinstance(self.kappa, bool) or not isinstance(self.kappa, int) or self.kappa < 1):
             raise ValueError(f"kappa: {self.kappa!r} must be an integer >= 1 (or None for dense attention)")
         dims = tuple(self.dims)
+        top = math.inf if width is None else width - 1
         if (len(dims) != 2 or len(set(dims)) != 2
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < width for d in dims)):
-            raise ValueError(f"dims: {self.dims!r} must be two distinct channel indices in [0, {width - 1}]")
-        if self.target_depth is not None and not 0 <= self.target_depth <= depth - 1:
-            raise ValueError(f"target_depth: {self.target_depth} is outside [0, {depth - 1}]")
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= top for d in dims)):
+            raise ValueError(f"dims: {self.dims!r} must be two distinct channel indices in [0, {top}]")
+        last = math.inf if depth is None else depth - 1
+        if self.target_depth is not None and not 0 <= self.target_depth <= last:
+            raise ValueError(f"target_depth: {self.target_depth} is outside [0, {last}]")
 
     def centre(self, depth: int) -> float:
         """The prior's centre for a model of ``depth`` blocks."""

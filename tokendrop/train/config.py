@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -124,6 +125,37 @@ class TokenDropConfig:
 
 
 @dataclass
+class TPCConfig:
+    """TPC-ViT (``tokendrop.attach_tpc``); every key but ``enabled`` is a :class:`~tokendrop.tpc.TPCParams`
+    field, range-checked by ``TPCParams.check`` (the model-dependent bounds when the model is built)."""
+
+    enabled: bool = _f(False, doc="TPC-ViT: per-token halting over all blocks (attach_tpc after the pretrained weights are loaded); excludes token_drop.enabled")
+    mode: str = _f("masked", doc="masked (every token computed, halted ones masked: the paper's way) or packed (each block runs only its running tokens; same result)")
+    gamma: float = _f(5.0, doc="gate scale γ of σ(γ·y_i − β)")
+    beta: float = _f(40.0, doc="gate shift β, subtracted as A-ViT does (the paper's literal +β halts every token at block 0); the gate opens at y_i ≈ β/γ")
+    dims: list = _f([0, 1], doc="block-output channels (i₁, i₂) feeding the pause and non-restart gates")
+    restart_gate: bool = _f(True, doc="false: non-restart probability 1, b = P1 (A-ViT's gate)")
+    delta: float = _f(0.01, doc="a token halts once its cumulative break probability reaches 1 − δ, δ in (0, 1)")
+    xi: float = _f(0.5, doc="distribution regulariser b ← ξ·b + (1−ξ)·mean_active(b), ξ in [0, 1] (1 = off)")
+    regularise: str = _f("break", doc="apply the regulariser to b (break, Eq. 9) or to P1 and P2 separately (gates)")
+    phi_p: float = _f(5e-4, doc="weight φ_p of the ponder loss (>= 0)")
+    phi_d: float = _f(0.1, doc="weight φ_d of the distribution loss (>= 0)")
+    kappa: int | None = _f(100, doc="stabiliser: each query attends to its κ nearest keys (>= 1); null = dense attention")
+    metric: str = _f("euclidean", doc="stabiliser's key ranking: euclidean or dot")
+    shared_neighbours: bool = _f(False, doc="stabiliser: one key set for all heads")
+    target_depth: float | None = _f(None, doc="0-based centre of the Gaussian layer prior; null = round(2L/3) (8 of 12 blocks)")
+    distribution: str = _f("active", doc="D^l: mean b over the processed tokens (active), mean halting weight (halting), or A-ViT's loss (avit)")
+    restart_mode: str = _f("none", doc="none (a halted token never returns) or skip (a running patch token with P1 >= 0.5 sits out the next block)")
+    learn_gates: bool = _f(False, doc="make γ and β learnable parameters (tpc.gamma, tpc.beta)")
+
+    def params(self) -> dict[str, Any]:
+        """The ``attach_tpc`` keyword arguments."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "enabled"}
+        out["dims"] = tuple(out["dims"])
+        return out
+
+
+@dataclass
 class DistillConfig:
     teacher: str = _f("", doc="teacher for a KL term on the logits: a checkpoint path (built as model.name) or a timm model name with its published weights; '' = no distillation")
     weight: float = _f(0.5, lo=0.0, doc="weight of the teacher's KL term added to the task loss")
@@ -151,6 +183,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
     token_drop: TokenDropConfig = field(default_factory=TokenDropConfig)
+    tpc: TPCConfig = field(default_factory=TPCConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -161,6 +194,10 @@ class Config:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert ``value`` to the field type ``typ``; raise ConfigError naming ``key`` otherwise."""
+    if get_origin(typ) in (Union, types.UnionType):  # ``X | None``: null or an X
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        (typ,) = [t for t in get_args(typ) if t is not type(None)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -260,6 +297,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("augment.random_resized_crop: use either it or RandomCrop with padding (set augment.crop_padding=0)")
     if cfg.augment.autoaugment and cfg.augment.randaugment_ops:
         raise ConfigError("augment.autoaugment: use either AutoAugment or RandAugment (set augment.randaugment_ops=0)")
+    _validate_tpc(cfg)
+
+
+def _validate_tpc(cfg: Config) -> None:
+    """The ``tpc`` keys through ``TPCParams.check`` (its messages name the parameter: prefixed ``tpc.``)."""
+    from ..tpc.params import TPCParams
+
+    try:
+        TPCParams(**cfg.tpc.params()).check()
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tpc.{e}") from None
+    if cfg.tpc.enabled and cfg.token_drop.enabled:
+        raise ConfigError("tpc.enabled: TPC-ViT halts tokens itself and cannot be combined with token reduction sites; "
+                          "set token_drop.enabled=false (or tpc.enabled=false)")
 
 
 def config_path(name_or_path: str) -> Path:

@@ -2,7 +2,8 @@
 
 Columns: ``epoch, train_loss, train_acc, val_loss_raw, val_acc_raw, val_loss_ema, val_acc_ema, lr,
 drop_ratio, kept_tokens, epoch_time_sec, train_imgs_per_sec`` — accuracies in percent, the EMA columns
-empty when EMA is off. Rendering uses matplotlib's Agg backend (no display needed).
+empty when EMA is off — and, for a TPC-ViT run, ``tpc_active_l{i}``, ``tpc_halted_l{i}`` and
+``tpc_depth`` (see :mod:`tokendrop.train.tpc`). Rendering uses matplotlib's Agg backend (no display needed).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def plot_run(run_dir: str | Path, compare: list[Path] | None = None) -> list[Pat
                          ("epoch_time_sec", "epoch time", "epoch time (s)"),
                          ("train_imgs_per_sec", "train images/s", "train images/s")))
 
+    if "tpc_active_l0" in m:
+        written += _tpc_plots(m, name, out_dir)
+
     if compare:
         runs = {name: run_dir}
         for other in compare:
@@ -145,6 +149,57 @@ def plot_run(run_dir: str | Path, compare: list[Path] | None = None) -> list[Pat
             runs[key] = other
         written.append(plot_comparison(runs, out_dir / "comparison.png"))
     return written
+
+
+def _per_layer(m: dict[str, list[float]], prefix: str) -> list[list[float]]:
+    """Columns ``prefix0, prefix1, …`` as one list per epoch (one value per block)."""
+    depth = sum(1 for k in m if k.startswith(prefix) and k[len(prefix):].isdigit())
+    return [list(v) for v in zip(*(m[f"{prefix}{i}"] for i in range(depth)))]
+
+
+def _tpc_plots(m: dict[str, list[float]], name: str, out_dir: Path, curves: int = 6) -> list[Path]:
+    """TPC-ViT's validation statistics: tokens each block processed (up to ``curves`` epochs, first and last
+    included), and the halting-depth histogram of the last epoch beside the mean depth per epoch."""
+    ep = m["epoch"]
+    active = _per_layer(m, "tpc_active_l")
+    depth = len(active[0])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = min(curves, len(ep))
+    picks = sorted({round(i * (len(ep) - 1) / max(1, n - 1)) for i in range(n)})
+    colours = plt.cm.viridis([0.15 + 0.7 * i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for colour, i in zip(colours, picks):
+        last = i == len(ep) - 1
+        ax.plot(range(depth), active[i], marker="o", color="tab:red" if last else colour, lw=2 if last else 1,
+                label=f"epoch {ep[i]:g}" + (" (last)" if last else ""))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, 1.05 * max(max(a) for a in active))
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{name}: TPC tokens per block (validation)")
+    ax.set_xlabel("block")
+    ax.set_ylabel("tokens per image (CLS included)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="best")
+    fig.tight_layout()
+    active_png = out_dir / "tpc_active.png"
+    fig.savefig(active_png, dpi=DPI)
+    plt.close(fig)
+
+    halted = _per_layer(m, "tpc_halted_l")[-1]
+    mean = _col(m, "tpc_depth")
+    fig, (ax_h, ax_d) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax_h.bar(range(1, depth + 1), halted, color="tab:blue", label="tokens halting there")
+    ax_h.axvline(mean[-1], color="tab:red", linestyle="--", label=f"mean depth {mean[-1]:.2f}")
+    ax_h.set_title(f"halting depth, epoch {ep[-1]:g} (validation)")
+    ax_h.set_xlabel("halting depth M (1-based block)")
+    ax_h.set_ylabel("tokens per image")
+    ax_h.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_h.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_h.legend(loc="best")
+    ax_h.grid(True, alpha=0.3, axis="y")
+    _line(ax_d, ep, mean, "mean halting depth", color="tab:red")
+    ax_d.set_ylim(0.5, depth + 0.5)
+    ax_d.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return [active_png, _finish(fig, ax_d, "mean halting depth per epoch", "depth (blocks)", out_dir / "tpc_depth.png")]
 
 
 def plot_comparison(runs: dict[str, Path], out: Path) -> Path:

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from ..device import pick_device
 from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, ConfigError, config_from_dict, merge_dicts, shipped_configs
-from .data import build_datasets, build_loaders, model_input_size
+from .data import DatasetInfo, build_datasets, build_loaders, model_input_size
 from ..models.pretrained import PretrainedError, is_checkpoint_path, load_pretrained
 from .distill import build_teacher
 from .optim import build_adamw, group_lr_factor, load_optimizer_state, param_groups
@@ -31,6 +32,7 @@ from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distri
 from .ema import build_ema
 from .gpu_pipeline import DeviceLoader, choose_pipeline
 from .step import NonFiniteLossError, StepTotals, TrainStep, autocast_context
+from .tpc import TPCMeter, attach_run_tpc, tpc_columns
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_raw", "val_loss_ema", "val_acc_ema",
                   "lr", "drop_ratio", "kept_tokens", "epoch_time_sec", "train_imgs_per_sec")
@@ -176,15 +178,19 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: str) -> EvalResult:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: str,
+             after_forward: Callable[[], None] | None = None) -> EvalResult:
     """Cross-entropy and top-1 accuracy (percent) over ``loader``, summed over all processes (the sums stay
-    on the device until the end)."""
+    on the device until the end); ``after_forward`` is called after each batch's forward (to read
+    per-forward statistics)."""
     model.eval()
     sums, count = torch.zeros(2, dtype=torch.float64 if device.type != "mps" else torch.float32, device=device), 0
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
+        if after_forward is not None:
+            after_forward()
         sums += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), (logits.argmax(1) == targets).sum()])
         count += targets.numel()
     loss_sum, correct, count = all_reduce_sum([*sums.tolist(), float(count)], device)
@@ -257,11 +263,13 @@ class Trainer:
         img_size = cfg.data.img_size or info.img_size
 
         self.model = build_run_model(cfg, info.num_classes, info.in_chans, img_size).to(self.device)
+        if cfg.model.pretrained and not self.resume:
+            self._load_pretrained()
+        attach_run_tpc(self.model, cfg)  # after the pretrained weights: they fit the plain model
         if self.is_main:  # after the checks of data and model, so that a bad value gives one line only
             where = f"; training batches made on {self.device}" if arrays is not None else ""
             print(f"data: {info.name} from {info.source}{where}", file=sys.stderr)
-        if cfg.model.pretrained and not self.resume:
-            self._load_pretrained()
+        self.columns = list(METRIC_COLUMNS) + (tpc_columns(len(self.model.blocks)) if cfg.tpc.enabled else [])
         self.teacher = None
         if cfg.distill.teacher:
             self.teacher = build_teacher(cfg.distill.teacher, cfg.model.name, info.num_classes, info.in_chans,
@@ -464,8 +472,11 @@ class Trainer:
         broadcast_buffers(self.model)  # every process validates (and rank 0 saves) the same model
         if self.ema is not None:
             broadcast_buffers(self.ema)
-        raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp)
+        meter = TPCMeter(self.model) if cfg.tpc.enabled else None
+        raw = evaluate(self.net, self.val_loader, self.device, cfg.run.amp, meter.update if meter else None)
         row.update(val_loss_raw=raw.loss, val_acc_raw=raw.acc)
+        if meter is not None:  # the raw weights' validation pass, in eval mode
+            row.update(meter.row(self.device))
         score = raw.acc
         if self.ema is not None:
             ema = evaluate(self.ema.module, self.val_loader, self.device, cfg.run.amp)
@@ -480,9 +491,11 @@ class Trainer:
             self._append_metrics(self.out_dir / "metrics.csv", row)
             save_atomic(ckpt, self.out_dir / "last.pt")  # last: a resumed run restarts after this epoch
             ema_txt = f" ema {row['val_acc_ema']:.2f}%" if self.ema is not None else ""
+            tokens_txt = (f"halting depth {row['tpc_depth']:.2f}" if meter is not None else
+                          f"drop {row['drop_ratio']:.3f} ({row['kept_tokens']} tokens)")
             print(f"{self.label}epoch {epoch + 1:>3}/{cfg.optim.epochs}  loss {row['train_loss']:.4f}  "
                   f"train {row['train_acc']:.2f}%  val {raw.acc:.2f}%{ema_txt}  lr {row['lr']:.2e}  "
-                  f"drop {row['drop_ratio']:.3f} ({row['kept_tokens']} tokens)  {row['epoch_time_sec']:.1f}s  "
+                  f"{tokens_txt}  {row['epoch_time_sec']:.1f}s  "
                   f"{row['train_imgs_per_sec']:.0f} img/s", file=sys.stderr)
         self._rng = rng_state()
         return row
@@ -501,20 +514,38 @@ class Trainer:
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(rows)
 
-    @staticmethod
-    def _append_metrics(path: Path, row: dict) -> None:
+    def _append_metrics(self, path: Path, row: dict) -> None:
         with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_COLUMNS})
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in self.columns})
 
 
 def train(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> Path:
     """Train ``cfg`` into ``out_dir`` (resuming from its ``last.pt`` when asked). Returns ``out_dir``."""
     return Trainer(cfg, out_dir, resume, progress).run()
+
+
+def build_eval_model(cfg: Config, info: DatasetInfo, state: dict | None = None, source: str = "checkpoint") -> nn.Module:
+    """The model of a run as it was trained (backbone, sites, TPC) for data set ``info``, with the weights
+    ``state`` (a checkpoint's, read from ``source``) or, without them, ``model.pretrained`` (loaded before
+    TPC is attached, as in training; random weights when it is empty)."""
+    model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
+    if state is None and cfg.model.pretrained:
+        try:
+            load_pretrained(model, cfg.model.pretrained)
+        except PretrainedError as e:
+            raise CheckpointError(str(e)) from None
+    attach_run_tpc(model, cfg)
+    if state is not None:
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{source} does not fit {cfg.model.name} ({str(e).splitlines()[0]})") from None
+    return model
 
 
 def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None = None) -> dict[str, float]:
@@ -524,12 +555,8 @@ def evaluate_checkpoint(path: Path, device: str = "auto", overrides: dict | None
     dev = pick_device(device, key="--device")
     _, val_ds, info = build_datasets(cfg.data, cfg.augment, cfg.seed, cfg.model.name)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=cfg.optim.eval_batch_size, num_workers=cfg.data.workers)
-    model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
+    model = build_eval_model(cfg, info, ckpt["model"], f"checkpoint {path}")
     print(f"data: {info.name} from {info.source}", file=sys.stderr)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit {cfg.model.name} ({str(e).splitlines()[0]})") from None
     model.to(dev)
     out = {"epoch": ckpt["epoch"] + 1}
     raw = evaluate(model, val_loader, dev, cfg.run.amp)
