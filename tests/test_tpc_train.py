@@ -77,7 +77,8 @@ def test_missing_pretrained_checkpoint_is_one_line(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", "fashion_mnist_tpc", "--out", "run", "--no-progress", *sets()]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "tokendrop: error: model.pretrained: checkpoint runs/fashion_mnist_baseline/best.pt does not exist"
+    assert err[-1] == ("tokendrop: error: model.pretrained: checkpoint runs/fashion_mnist_baseline/best.pt does not "
+                       "exist; make it with: tokendrop train --config fashion_mnist_baseline --out runs/fashion_mnist_baseline")
     assert not (tmp_path / "run").exists()
 
 
