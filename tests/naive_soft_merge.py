@@ -71,3 +71,45 @@ def softmax_over_tokens(logits):
     """Softmax of (N, K) logits over the N tokens (axis 0), written out."""
     e = torch.exp(logits - logits.max(dim=0, keepdim=True).values)
     return e / e.sum(dim=0, keepdim=True)
+
+
+def check_train_only_and_learns(name, param_names):
+    """With ``when="train"`` at blocks 1 and 3 of a small ViT, evaluation equals the plain model's, and a
+    training forward + backward gives finite gradients reaching each of the method's ``param_names``."""
+    import tokendrop as td
+    from naive_blocks import images, small_vit
+
+    model = small_vit(depth=4)
+    x = images(32)
+    with torch.no_grad():
+        plain = model(x)
+    td.attach(model, name, blocks=[1, 3], schedule=td.Constant(0.5), when="train")
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    model.train()
+    model(x).logsumexp(dim=1).sum().backward()
+    assert [rec.kept for rec in td.last_reduction(model).records] == [32, 16]
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    for block in (1, 3):
+        for param in param_names:
+            assert grads[f"blocks.{block}.token_site.reducer.{param}"].abs().sum() > 0, (block, param)
+
+
+def check_save_and_load(factory, param, shape, tol=0.0):
+    """Two small ViTs with the method's sites built from ``factory(seed=…)`` differ; loading one's state
+    dict (whose ``blocks.3.token_site.reducer.{param}`` has ``shape``) into the other makes them equal."""
+    import tokendrop as td
+    from naive_blocks import images, small_vit
+
+    x = images(32)
+    model, other = small_vit(depth=4), small_vit(depth=4)
+    td.attach(model, factory(seed=1), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
+    td.attach(other, factory(seed=2), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
+    state = model.state_dict()
+    assert state[f"blocks.3.token_site.reducer.{param}"].shape == shape
+    with torch.no_grad():
+        before = other(x)
+        other.load_state_dict(state)
+        assert (other(x) - before).abs().max() > 1e-4
+        torch.testing.assert_close(other(x), model(x), atol=tol, rtol=tol)

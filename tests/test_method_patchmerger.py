@@ -7,7 +7,7 @@ import torch
 
 import tokendrop as td
 from naive_blocks import deit_tiny, images, small_vit
-from naive_soft_merge import check_records, layer_norm, naive_model
+from naive_soft_merge import check_records, check_save_and_load, check_train_only_and_learns, layer_norm, naive_model
 from tokendrop.bench.flops import attached_macs, count_macs
 from tokendrop.methods import PatchMerger
 
@@ -78,35 +78,11 @@ def test_patchmerger_curriculum_uses_the_first_queries():
 
 
 def test_patchmerger_train_only_leaves_evaluation_identical_and_learns():
-    model = small_vit(depth=4)
-    x = images(32)
-    with torch.no_grad():
-        plain = model(x)
-    td.attach(model, "patchmerger", blocks=[1, 3], schedule=td.Constant(0.5), when="train")
-    with torch.no_grad():
-        assert torch.equal(model(x), plain)
-    model.train()
-    model(x).logsumexp(dim=1).sum().backward()
-    assert [rec.kept for rec in td.last_reduction(model).records] == [32, 16]
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert all(torch.isfinite(g).all() for g in grads.values())
-    for block in (1, 3):
-        for name in ("queries", "norm.weight", "norm.bias"):
-            assert grads[f"blocks.{block}.token_site.reducer.{name}"].abs().sum() > 0, (block, name)
+    check_train_only_and_learns("patchmerger", ("queries", "norm.weight", "norm.bias"))
 
 
 def test_patchmerger_parameters_save_and_load():
-    x = images(32)
-    model, other = small_vit(depth=4), small_vit(depth=4)
-    td.attach(model, patchmerger_factory(seed=1), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
-    td.attach(other, patchmerger_factory(seed=2), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
-    state = model.state_dict()
-    assert state["blocks.3.token_site.reducer.queries"].shape == (16, 48)
-    with torch.no_grad():
-        before = other(x)
-        other.load_state_dict(state)
-        assert (other(x) - before).abs().max() > 1e-4
-        torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+    check_save_and_load(patchmerger_factory, "queries", (16, 48))
 
 
 def test_patchmerger_init_defaults_and_macs():

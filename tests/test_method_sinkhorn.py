@@ -9,7 +9,7 @@ import torch
 
 import tokendrop as td
 from naive_blocks import deit_tiny, images, small_vit
-from naive_soft_merge import check_records, naive_model
+from naive_soft_merge import check_records, check_save_and_load, check_train_only_and_learns, naive_model
 from tokendrop.bench.flops import attached_macs, count_macs
 from tokendrop.methods import Sinkhorn
 from tokendrop.methods.sinkhorn import log_sinkhorn
@@ -111,34 +111,11 @@ def test_log_sinkhorn_marginals():
 
 
 def test_sinkhorn_train_only_leaves_evaluation_identical_and_learns():
-    model = small_vit(depth=4)
-    x = images(32)
-    with torch.no_grad():
-        plain = model(x)
-    td.attach(model, "sinkhorn", blocks=[1, 3], schedule=td.Constant(0.5), when="train")
-    with torch.no_grad():
-        assert torch.equal(model(x), plain)
-    model.train()
-    model(x).logsumexp(dim=1).sum().backward()
-    assert [rec.kept for rec in td.last_reduction(model).records] == [32, 16]
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert all(torch.isfinite(g).all() for g in grads.values())
-    for block in (1, 3):
-        assert grads[f"blocks.{block}.token_site.reducer.centres"].abs().sum() > 0
+    check_train_only_and_learns("sinkhorn", ("centres",))
 
 
 def test_sinkhorn_parameters_save_and_load():
-    x = images(32)
-    model, other = small_vit(depth=4), small_vit(depth=4)
-    td.attach(model, sinkhorn_factory(seed=1), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
-    td.attach(other, sinkhorn_factory(seed=2), blocks=[1, 3], schedule=td.Constant(0.5), when="always")
-    state = model.state_dict()
-    assert state["blocks.3.token_site.reducer.centres"].shape == (16, 48)
-    with torch.no_grad():
-        before = other(x)
-        other.load_state_dict(state)
-        assert (other(x) - before).abs().max() > 1e-4
-        torch.testing.assert_close(other(x), model(x), atol=1e-6, rtol=1e-6)  # both renormalised their centres
+    check_save_and_load(sinkhorn_factory, "centres", (16, 48), tol=1e-6)  # both renormalise their centres
 
 
 def test_sinkhorn_init_defaults_and_macs():
