@@ -115,6 +115,20 @@ def _one(value: Any, flag: str, lo: int) -> int:
     return x
 
 
+def _batch_sizes_and_device(args: argparse.Namespace) -> tuple[list[int], Any]:
+    """``--batch-sizes`` (each >= 1) and the ``--device`` it names."""
+    from .speed import resolve_device
+
+    batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
+    for n in batch_sizes:
+        if n < 1:
+            raise UsageError(f"--batch-sizes: {n} is outside the allowed range [1, inf)")
+    try:
+        return batch_sizes, resolve_device(args.device)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 @dataclasses.dataclass
 class Options:
     """Checked command-line values."""
@@ -154,7 +168,6 @@ def _check_tpc(args: argparse.Namespace) -> Options:
     """The options of ``--tpc``: its source and the timing options."""
     from ..train.checkpoint import CheckpointError
     from ..train.config import ConfigError
-    from .speed import resolve_device
     from .tpc import tpc_source
 
     if args.tpc is None:
@@ -166,14 +179,7 @@ def _check_tpc(args: argparse.Namespace) -> Options:
         cfg, state = tpc_source(args.tpc, list(args.tpc_set))
     except (ConfigError, CheckpointError) as e:
         raise UsageError(f"--tpc {args.tpc}: {e}") from None
-    batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
-    for n in batch_sizes:
-        if n < 1:
-            raise UsageError(f"--batch-sizes: {n} is outside the allowed range [1, inf)")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    batch_sizes, device = _batch_sizes_and_device(args)
     return Options([], {}, [], [], batch_sizes, [], device, _one(args.rounds, "--rounds", 1),
                    _one(args.warmup, "--warmup", 0), 0, 0, _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0),
                    set(), [], tpc=args.tpc, tpc_config=cfg, tpc_state=state,
@@ -184,7 +190,6 @@ def check_args(args: argparse.Namespace) -> Options:
     """Validate every option; raise :class:`UsageError` naming the first bad one."""
     from ..models import build_model
     from ..train.config import ConfigError, load_config
-    from .speed import resolve_device
 
     if args.tpc is not None or args.tpc_set or args.tpc_images != "256":
         return _check_tpc(args)
@@ -212,14 +217,7 @@ def check_args(args: argparse.Namespace) -> Options:
     for b in memory_blocks:
         if b not in blocks:
             raise UsageError(f"--memory-blocks: {b} is not one of --blocks {blocks}")
-    batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
-    for n in batch_sizes:
-        if n < 1:
-            raise UsageError(f"--batch-sizes: {n} is outside the allowed range [1, inf)")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    batch_sizes, device = _batch_sizes_and_device(args)
     skip = set(args.skip)
     unknown = skip - set(SKIPPABLE)
     if unknown:
