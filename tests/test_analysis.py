@@ -89,6 +89,27 @@ def test_homogeneity_and_nmi_by_hand():
     np.testing.assert_allclose(ta.nmi(np.array([[c1, c1]]), np.array([[c2, c1]])), [[mi / ((h_c + h_k) / 2), 1.0]])
 
 
+def test_homogeneity_and_nmi_equal_scikit_learn_per_sample():
+    """The batched metrics against scikit-learn's per-sample scores, edge cases included: one cluster on
+    both sides (NMI 1), one cluster on one side, identical and relabelled clusterings, dropped patches (-1)."""
+    from sklearn.metrics import homogeneity_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    c1 = rng.integers(0, 16, (64, 49))
+    c2 = rng.integers(-1, 24, (64, 49))
+    c1[0], c2[0] = 0, 0
+    c1[1], c2[1] = 0, np.arange(49) % 5
+    c1[2], c2[2] = np.arange(49) % 7, (np.arange(49) % 7 + 3) % 7
+    c1[3], c2[3] = np.arange(49) % 2, 0
+    nmi_ref = [normalized_mutual_info_score(a, b, average_method="arithmetic") for a, b in zip(c1, c2)]
+    hom_ref = [homogeneity_score(a, b) for a, b in zip(c1, c2)]
+    np.testing.assert_allclose(ta.nmi(c1, c2), nmi_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ta.homogeneity(c1, c2), hom_ref, rtol=0, atol=1e-12)
+    assert ta.nmi(c1, c2)[:4].tolist() == pytest.approx([1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(ta.nmi(c1.reshape(8, 8, 49), c2.reshape(8, 8, 49)), np.reshape(nmi_ref, (8, 8)),
+                               atol=1e-12)
+
+
 # -------------------------------------------------------------------- averaged patterns and Pearson
 def test_averaged_pattern_and_pearson():
     masks = np.array([[[1, 1, 0], [1, 0, 0]],  # image 1: stages passed 3, 2, 1
