@@ -25,7 +25,7 @@ from ..models import build_model
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import Config, ConfigError, config_from_dict, merge_dicts, shipped_configs
 from .data import DatasetInfo, build_datasets, build_loaders, model_input_size
-from ..models.pretrained import PretrainedError, is_checkpoint_path, load_pretrained
+from ..models.pretrained import LoadReport, PretrainedError, is_checkpoint_path, load_pretrained
 from .distill import build_teacher
 from .optim import build_adamw, group_lr_factor, load_optimizer_state, param_groups
 from .distributed import all_reduce_sum, broadcast_buffers, cleanup, init_distributed, is_distributed
@@ -130,6 +130,14 @@ def check_pretrained_file(source: str) -> None:
     if path.name in ("best.pt", "last.pt") and path.parent.name in shipped_configs():
         hint = f"; make it with: tokendrop train --config {path.parent.name} --out {path.parent}"
     raise CheckpointError(f"model.pretrained: checkpoint {path} does not exist{hint}")
+
+
+def load_pretrained_weights(model: nn.Module, source: str) -> LoadReport:
+    """:func:`~tokendrop.models.pretrained.load_pretrained` with its failure as a one-line ``CheckpointError``."""
+    try:
+        return load_pretrained(model, source)
+    except PretrainedError as e:
+        raise CheckpointError(str(e)) from None
 
 
 MANY_TOKENS = 1024
@@ -324,10 +332,7 @@ class Trainer:
 
     def _load_pretrained(self) -> None:
         """Start from ``model.pretrained`` (reduction sites' own parameters start fresh)."""
-        try:
-            report = load_pretrained(self.model, self.cfg.model.pretrained)
-        except PretrainedError as e:
-            raise CheckpointError(str(e)) from None
+        report = load_pretrained_weights(self.model, self.cfg.model.pretrained)
         if self.is_main:
             notes = report.adapted + ([f"new head ({len(report.skipped)} tensors)"] if report.skipped else [])
             print(f"model: {report.loaded} weight tensors from {report.source}"
@@ -535,10 +540,7 @@ def build_eval_model(cfg: Config, info: DatasetInfo, state: dict | None = None, 
     TPC is attached, as in training; random weights when it is empty)."""
     model = build_run_model(cfg, info.num_classes, info.in_chans, cfg.data.img_size or info.img_size)
     if state is None and cfg.model.pretrained:
-        try:
-            load_pretrained(model, cfg.model.pretrained)
-        except PretrainedError as e:
-            raise CheckpointError(str(e)) from None
+        load_pretrained_weights(model, cfg.model.pretrained)
     attach_run_tpc(model, cfg)
     if state is not None:
         try:
