@@ -80,6 +80,10 @@ class DPCKNN(Reducer):
         nn.init.trunc_normal_(self.score.weight, std=0.02)
         nn.init.zeros_(self.score.bias)
 
+
+    @property
+    def capturable(self) -> bool:  # noqa: D102 — the density noise comes from a CPU generator
+        return self.generator is None and super().capturable
     def extra_repr(self) -> str:
         return f"k={self.k}"
 

@@ -91,6 +91,7 @@ class DynamicViT(Reducer):
     official code has 0)."""
 
     default_position = "before"
+    reads_keep_fraction = True  # the ratio loss's target
 
     def __init__(self, dim: int, ratio_weight: float = 2.0, pool_eps: float = 1e-6) -> None:
         super().__init__()

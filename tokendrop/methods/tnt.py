@@ -136,6 +136,10 @@ class TNT(Reducer):
         noise = self.beta * (1.0 - alpha).to(z.dtype).unsqueeze(-1) * eps
         return torch.cat([x[:, :p], z + noise], dim=1)
 
+    @property
+    def capturable(self) -> bool:  # noqa: D102 — a seeded site draws from its own generator
+        return self.seed is None and super().capturable
+
     def _generator(self, device: torch.device, block: int) -> torch.Generator | None:
         """This site's generator on ``device`` (None: the global RNG)."""
         if self.seed is None:

@@ -32,8 +32,9 @@ def bipartite_destinations(metric: torch.Tensor, r: int, num_prefix: int) -> tor
     B, n, _ = metric.shape
     device = metric.device
     with torch.no_grad():
-        positions = torch.arange(num_prefix, num_prefix + n, device=device)
-        a_idx, b_idx = (positions % 2 == 0).nonzero()[:, 0], (positions % 2 == 1).nonzero()[:, 0]
+        first_a = num_prefix % 2  # A: the patches at even positions of the whole sequence, B: the odd ones
+        a_idx = torch.arange(first_a, n, 2, device=device)
+        b_idx = torch.arange(1 - first_a, n, 2, device=device)
         unit = metric / metric.norm(dim=-1, keepdim=True)
         scores = unit[:, a_idx] @ unit[:, b_idx].transpose(1, 2)  # (B, |A|, |B|)
         node_max, node_idx = scores.max(dim=-1)

@@ -222,6 +222,7 @@ class SitePlan:
     keep: int  # the schedule's target
     tokens_out: int  # patch tokens leaving: the reducer's output_count (an upper bound where counts vary)
     reduces: bool  # whether the reducer runs at all
+    keep_fraction: float = 1.0  # the token state's keep fraction after this site's target (TokenState.keep_fraction)
 
 
 def _plan(reg: Registry, training: bool, state: TokenState | None = None) -> list[SitePlan]:
@@ -231,7 +232,7 @@ def _plan(reg: Registry, training: bool, state: TokenState | None = None) -> lis
     for site in reg.sites:
         keep, reduce = site.plan(n, state, training)
         n_out = site.reducer.output_count(n, keep) if reduce else n
-        out.append(SitePlan(site, n, keep, n_out, reduce))
+        out.append(SitePlan(site, n, keep, n_out, reduce, state.keep_fraction))
         n = n_out
     return out
 
@@ -242,6 +243,26 @@ def expected_patch_tokens(model: nn.Module, training: bool = True) -> list[int]:
     :func:`last_reduction`."""
     reg = _registry(model)
     return [] if reg is None else [p.tokens_out for p in _plan(reg, training)]
+
+
+def step_signature(model: nn.Module, training: bool = True) -> tuple:
+    """What a training forward's computation depends on beyond its inputs, for the current epoch: each
+    site's block, target, output count and whether it runs, and the keep fraction where the reducer reads
+    it (:attr:`Reducer.reads_keep_fraction`). Steps with equal signatures and input shapes run the same
+    kernels, so one captured CUDA graph serves them all; keep counts are integers, so a per-step
+    curriculum changes the signature at most once per token."""
+    reg = _registry(model)
+    if reg is None:
+        return ()
+    return tuple((p.site.block, p.keep, p.tokens_out, p.reduces,
+                  p.keep_fraction if p.site.reducer.reads_keep_fraction else None) for p in _plan(reg, training))
+
+
+def capture_blockers(model: nn.Module) -> list[str]:
+    """Why a training step through ``model``'s sites cannot be captured in a CUDA graph (one phrase per
+    site whose reducer is not :attr:`Reducer.capturable`; empty when it can be)."""
+    return [f"block {s.block}: {type(s.reducer).__name__} (gradient saliency or a private generator)"
+            for s in sites(model) if not s.reducer.capturable]
 
 
 def site_plans(model: nn.Module, training: bool = True) -> list[SitePlan]:

@@ -100,5 +100,16 @@ class Reducer(nn.Module):
     #: it is not below the tokens entering (``relative_to="original"`` does not cap it).
     keep_is_budget: bool = False
 
+    #: True when the keep fraction (``TokenState.keep_fraction``) enters the computation beyond the keep
+    #: count (DynamicViT's ratio loss): a training step captured in a CUDA graph then depends on its value.
+    reads_keep_fraction: bool = False
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a training step through this reducer can be captured in a CUDA graph and replayed:
+        not with gradient saliency (its extra forward and backward run between steps) nor with a private
+        random generator (a replay would not advance it)."""
+        return "gradient" not in self.needs
+
     def forward(self, x: torch.Tensor, keep: int, inputs: SiteInputs) -> torch.Tensor:
         raise NotImplementedError

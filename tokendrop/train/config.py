@@ -166,7 +166,8 @@ class DistillConfig:
 class RunConfig:
     device: str = _f("auto", doc="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     amp: str = _f("auto", choices=("auto", "bf16", "off"), doc="auto = bf16 autocast on CUDA, fp32 elsewhere")
-    compile: bool = _f(False, doc="torch.compile the model (CUDA only; optional)")
+    compile: bool = _f(False, doc="torch.compile the model (CUDA only; optional; composes with cuda_graphs)")
+    cuda_graphs: bool = _f(True, doc="on CUDA, capture the whole training step in a CUDA graph once per keep count and batch shape and replay it; what cannot be captured (gradient saliency, DDP, a failed capture) runs eagerly with a notice; no effect elsewhere")
     deterministic: bool = _f(False, doc="torch.use_deterministic_algorithms where PyTorch allows")
     threads: int = _f(0, lo=0, doc="CPU threads for torch; 0 = PyTorch's default")
     nan_check_every: int = _f(50, lo=1, doc="read the device's non-finite-loss flag every N training steps (and at each epoch's end): a NaN stops the run at most N steps later, last.pt keeps the last good epoch")

@@ -6,9 +6,11 @@ taken from the live model); ``none`` — timm's ``ModelEmaV3`` with a constant d
 parameters and floating-point buffers (integer buffers are copied). A constant 0.9999 over a few hundred
 steps leaves the average at its initial weights, so short runs want the warm-up rule.
 
-Both are timm's ``ModelEmaV3``, which updates with multi-tensor ``torch._foreach_*`` ops; the warm-up
-rule's decay is computed on the host (no device synchronisation per step). State dicts hold the averaged
-model under ``module.`` (and, for ``torch_ema``, the update count ``num_updates``).
+Both are timm's ``ModelEmaV3`` and update with multi-tensor ``torch._foreach_*`` ops. An update is two
+halves: ``prepare()`` on the host (the warm-up rule's decay, computed there and written to a device
+scalar: no synchronisation per step) and ``apply(model)``, device work only, which a training step
+captured in a CUDA graph replays. State dicts hold the averaged model under ``module.`` (and, for
+``torch_ema``, the update count ``num_updates``).
 """
 
 from __future__ import annotations
@@ -18,14 +20,34 @@ from torch import nn
 from timm.utils import ModelEmaV3
 
 
+class ConstantEma(ModelEmaV3):
+    """timm's ``ModelEmaV3`` with a constant decay, its update split like :class:`WarmupEma`'s."""
+
+    def prepare(self) -> None:
+        """Nothing to do on the host: the decay never changes."""
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Blend ``model`` in with the constant decay (device work only)."""
+        self.apply_update_(model, self.decay)
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:  # noqa: D102
+        self.prepare()
+        self.apply(model)
+
+
 class WarmupEma(ModelEmaV3):
     """The ``torch_ema`` rule: ``d_n = min(decay, (1+n)/(10+n))``, parameters only (timm's warm-up rule
-    differs, so the decay is ours and the update timm's ``exclude_buffers`` one)."""
+    differs, so the decay is ours and the update timm's ``exclude_buffers`` one).
+
+    An update is :meth:`prepare` (host: the next decay, written into a device scalar) then :meth:`apply`
+    (device only, reading that scalar), so a captured training step replays with each step's decay."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
         super().__init__(model, decay=decay, exclude_buffers=True)
         self.module.requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.register_buffer("blend", torch.zeros(()), persistent=False)  # 1 − this update's decay
         self._count: int | None = None  # Python mirror of num_updates (no device sync per step)
 
     def current_decay(self) -> float:
@@ -40,16 +62,31 @@ class WarmupEma(ModelEmaV3):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int | None = None) -> None:
-        """Blend the live parameters in with this update's decay; copy the live buffers."""
-        decay = self.current_decay()
+    def prepare(self) -> None:
+        """Compute the next update's decay on the host and write it (and the count) to the device."""
+        self.blend.fill_(1.0 - self.current_decay())
         self._count += 1
         self.num_updates.fill_(self._count)
-        self.apply_update_no_buffers_(model, decay)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Blend the live parameters in with the prepared decay; copy the live buffers (device work only)."""
+        averaged = list(self.module.parameters())
+        # e += (p − e)·w with w a device scalar: foreach ops with a tensor factor (lerp's would read it on the host)
+        torch._foreach_add_(averaged, torch._foreach_mul(torch._foreach_sub(list(model.parameters()), averaged),
+                                                         self.blend))
+        for ema_b, model_b in zip(self.module.buffers(), model.buffers()):
+            ema_b.copy_(model_b)
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """One whole update: :meth:`prepare`, then :meth:`apply`."""
+        self.prepare()
+        self.apply(model)
 
 
 def build_ema(model: nn.Module, decay: float, warmup: str) -> nn.Module:
-    """EMA wrapper with ``.module`` (the averaged model) and ``.update(model)``."""
+    """EMA wrapper with ``.module`` (the averaged model), ``.update(model)`` and its two halves
+    ``.prepare()`` (host) and ``.apply(model)`` (device)."""
     if warmup == "torch_ema":
         return WarmupEma(model, decay)
-    return ModelEmaV3(model, decay=decay)
+    return ConstantEma(model, decay=decay)

@@ -100,7 +100,9 @@ def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], devic
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, device: torch.device) -> None:
     """Load an optimizer state dict saved on any device, keeping the implementation chosen for ``device``
-    (a state dict carries its own ``fused``/``foreach`` flags, which would otherwise replace ours)."""
-    kernel = adamw_kernel(device)
-    state = {**state, "param_groups": [{**g, **kernel} for g in state["param_groups"]]}
+    (a state dict carries its own ``fused``/``foreach`` flags, which would otherwise replace ours). A run
+    that trained with CUDA graphs saved its LRs as tensors and its groups as capturable; they load as plain
+    floats, not capturable (the graphs set both again)."""
+    kernel = {**adamw_kernel(device), "capturable": False}
+    state = {**state, "param_groups": [{**g, **kernel, "lr": float(g["lr"])} for g in state["param_groups"]]}
     optimizer.load_state_dict(state)

@@ -6,6 +6,10 @@ tensor's value on the host: the loss and accuracy sums and a "first non-finite s
 device, and :meth:`TrainStep.poll` reads them all at once, when the caller asks (the trainer every
 ``run.nan_check_every`` steps and at the end of each epoch). So a NaN stops a run at most that many
 steps after it appeared; the step where it appeared is reported, and ``last.pt`` keeps the last good epoch.
+
+On CUDA, ``cuda_graphs`` serves the step from CUDA graphs (:mod:`tokendrop.train.graphs`): the step's
+device work (:meth:`TrainStep.compute`) updates its state in place and reads every per-step value from
+device tensors, so a replay does what an eager call does.
 """
 
 from __future__ import annotations
@@ -19,17 +23,27 @@ from torch import nn
 
 from .. import reduction as red
 from .distill import distill_kl
+from .graphs import CudaGraphBackend, StepGraphs, print_notice
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss or gradient became NaN or infinite."""
 
 
-def autocast_context(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (``auto``/``bf16``), full precision elsewhere."""
+def autocast_context(device: torch.device, amp: str, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (``auto``/``bf16``), full precision elsewhere; ``cache=False`` for a step
+    captured in a CUDA graph (autocast's cache of cast weights must not outlive the capture)."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
+
+
+def graph_blockers(model: nn.Module, net: nn.Module) -> list[str]:
+    """Why the step through ``model`` (run as ``net``) cannot be captured in a CUDA graph; empty if it can."""
+    reasons = red.capture_blockers(model)
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        reasons.append("DDP")
+    return reasons
 
 
 @dataclass
@@ -45,23 +59,41 @@ class StepTotals:
 class TrainStep:
     """Call with a batch to train on it; ``model`` is the unwrapped model, ``net`` what runs the forward
     (the model, its DDP wrapper or its compiled form). ``clip_grad`` 0 measures the norm without clipping
-    (the non-finite check reads it). ``teacher`` adds ``distill_weight`` × :func:`distill_kl`."""
+    (the non-finite check reads it). ``teacher`` adds ``distill_weight`` × :func:`distill_kl`.
+
+    ``cuda_graphs``: on CUDA, capture and replay the step (:class:`~tokendrop.train.graphs.StepGraphs`);
+    what cannot be captured runs eagerly after a one-line ``notice``; elsewhere the flag does nothing
+    unless a ``graph_backend`` is given (the tests give one that replays on the CPU)."""
 
     def __init__(self, model: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], device: torch.device, *,
                  amp: str = "auto", clip_grad: float = 0.0, ema: nn.Module | None = None,
-                 teacher: nn.Module | None = None, distill_weight: float = 0.0, distill_temperature: float = 1.0) -> None:
+                 teacher: nn.Module | None = None, distill_weight: float = 0.0, distill_temperature: float = 1.0,
+                 cuda_graphs: bool = False, graph_backend: CudaGraphBackend | None = None,
+                 notice: Callable[[str], None] = print_notice) -> None:
         self.model, self.net, self.optimizer, self.loss_fn, self.device = model, net, optimizer, loss_fn, device
         self.amp, self.max_norm, self.ema = amp, clip_grad or float("inf"), ema
         self.teacher, self.distill_weight, self.distill_temperature = teacher, distill_weight, distill_temperature
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device)
+        self.first_bad = torch.zeros((), device=device)
+        self.step_index = torch.zeros((), device=device)  # steps since reset, counted on the device
+        self.graphs: StepGraphs | None = None
+        if cuda_graphs and (device.type == "cuda" or graph_backend is not None):
+            blockers = graph_blockers(model, net)
+            if blockers:
+                notice(f"notice: run.cuda_graphs: the step runs eagerly ({'; '.join(blockers)} cannot be captured)")
+            else:
+                self.graphs = StepGraphs(self.compute, optimizer, device, backend=graph_backend, notice=notice,
+                                         on_failure=lambda: red.aux_loss(model))  # drop what a failed capture left
         self.reset()
 
     def reset(self) -> None:
-        """Zero the sums and the non-finite flag (at the start of an epoch)."""
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.correct = torch.zeros((), device=self.device)
-        self.first_bad = torch.full((), -1.0, device=self.device)
+        """Zero the sums and the non-finite flag (at the start of an epoch), in place: graphs read them."""
+        for t in (self.loss_sum, self.correct, self.step_index):
+            t.zero_()
+        self.first_bad.fill_(-1.0)
         self.seen = 0
         self.steps = 0
 
@@ -69,7 +101,18 @@ class TrainStep:
         """One step on ``images`` with ``targets`` (class indices, or soft targets after Mixup); accuracy
         counts against ``labels`` (default: ``targets``)."""
         labels = targets if labels is None else labels
-        with autocast_context(self.device, self.amp):
+        if self.ema is not None:
+            self.ema.prepare()  # host side: the decay of this step's update, written to the device
+        if self.graphs is None:
+            self.compute(images, targets, labels)
+        else:
+            self.graphs(red.step_signature(self.model), images, targets, labels)
+        self.seen += labels.shape[0]
+        self.steps += 1
+
+    def compute(self, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> None:
+        """The step's device work; state changes in place only, so that it can be captured and replayed."""
+        with autocast_context(self.device, self.amp, cache=self.graphs is None):
             red.prepare_step(self.model, images, targets, lambda out, t: self.loss_fn(out.float(), t))
             logits = self.net(images)
             loss = self.loss_fn(logits.float(), targets) + red.aux_loss(self.model)
@@ -82,17 +125,16 @@ class TrainStep:
         # The norm of the all-reduced gradients is NaN on every process if any process's loss was, so all
         # processes flag the same step.
         norm = nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
-        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
-        self.first_bad = torch.where(bad & (self.first_bad < 0), float(self.steps), self.first_bad)
+        with torch.no_grad():
+            bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+            self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_index, self.first_bad))
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model)
-        n = labels.shape[0]
+            self.ema.apply(self.model)
         with torch.no_grad():
-            self.loss_sum += loss.detach() * n
-            self.correct += (logits.argmax(1) == labels).sum()
-        self.seen += n
-        self.steps += 1
+            self.loss_sum.add_(loss.detach() * labels.shape[0])
+            self.correct.add_((logits.argmax(1) == labels).sum())
+            self.step_index.add_(1)
 
     def poll(self) -> StepTotals:
         """Read the sums and the flag from the device (one synchronisation)."""

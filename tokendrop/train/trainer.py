@@ -38,7 +38,7 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss_raw", "val_acc_r
                   "lr", "drop_ratio", "kept_tokens", "epoch_time_sec", "train_imgs_per_sec")
 
 
-RESUME_FREE_KEYS = ("run.device", "run.threads", "run.compile", "run.nan_check_every", "data.workers", "data.root",
+RESUME_FREE_KEYS = ("run.device", "run.threads", "run.compile", "run.cuda_graphs", "run.nan_check_every", "data.workers", "data.root",
                     "data.download")
 
 
@@ -317,13 +317,19 @@ class Trainer:
         d = cfg.distill
         self.train_step = TrainStep(self.model, self.net, self.optimizer, self.loss_fn, self.device, amp=cfg.run.amp,
                                     clip_grad=o.clip_grad, ema=self.ema, teacher=self.teacher, distill_weight=d.weight,
-                                    distill_temperature=d.temperature)
+                                    distill_temperature=d.temperature, cuda_graphs=cfg.run.cuda_graphs,
+                                    notice=self._notice)
 
         self.start_epoch, self.best_acc = 0, -1.0
         if self.resume:
             self._load_resume()
         elif (self.out_dir / "last.pt").exists():
             raise CheckpointError(f"{self.out_dir} already holds a run (last.pt); use --resume or another --out")
+
+    def _notice(self, message: str) -> None:
+        """Print a one-line notice on rank 0."""
+        if self.is_main:
+            print(message, file=sys.stderr)
 
     def schedule_lr(self) -> float:
         """The LR schedule's value now: ``optim.lr`` × warmup+cosine (parameter groups scale it by their

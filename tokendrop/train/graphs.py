@@ -1,0 +1,165 @@
+"""Whole-step CUDA-graph capture (``run.cuda_graphs``): the training step — forward, backward, clipping,
+fused AdamW and the EMA — recorded once per distinct computation and replayed, so a step costs one graph
+launch instead of hundreds of kernel launches.
+
+What one graph serves: steps whose inputs have the same shapes and whose reduction sites plan the same
+work (:func:`tokendrop.reduction.step_signature`: keep counts, plus the keep fraction where a reducer
+reads it). A curriculum changes its keep count at most once per token, so a run needs a few dozen graphs
+at most (the granularity is one token, whether the schedule is per epoch or per step); past
+:data:`MAX_GRAPHS` the remaining signatures run eagerly, with a notice.
+
+How a signature is served: its first :data:`WARMUP_STEPS` steps run eagerly on a side stream (lazy
+initialisation, cuDNN and ``torch.compile`` happen there, as PyTorch's CUDA-graphs notes ask), the next
+is captured and replayed, and every later one copies its batch into the graph's static inputs and
+replays. Everything a replay must see change lives in device tensors read by the graph: the batch, each
+parameter group's learning rate (a 0-d tensor, refreshed from the group before every replay, so a
+scheduler that assigns floats still takes effect), the EMA's decay and the step's sums and flags.
+Captures share one memory pool; that is safe in any replay order because nothing a graph allocates is
+read after its replay ends (its results go to tensors allocated outside the graphs).
+
+What cannot be captured runs eagerly, with a one-line notice: gradient saliency and reducers with
+private generators (:func:`tokendrop.reduction.capture_blockers`), DDP, and any step whose capture fails
+(a host synchronisation or a data-dependent shape inside the model).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+WARMUP_STEPS = 3
+"""Eager steps of each signature before it is captured."""
+
+MAX_GRAPHS = 64
+"""Graphs kept at most; further signatures run eagerly."""
+
+_HYPER = ("betas", "weight_decay", "eps", "amsgrad", "maximize")
+"""Optimizer settings a graph bakes in; if one changes, the graphs are captured again."""
+
+Body = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def print_notice(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+class CudaGraphBackend:
+    """Runs warm-up steps on a side stream and captures with ``torch.cuda.graph`` into one shared pool
+    (thread-local capture: the data loader's pinning thread may use CUDA meanwhile)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.pool = None
+
+    def warmup(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` eagerly on a side stream, ordered after and before the current stream's work."""
+        main = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            fn()
+        main.wait_stream(side)
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Record ``fn`` (nothing runs) and return the graph's replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            fn()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph.replay
+
+
+@dataclass
+class _Graph:
+    inputs: tuple[torch.Tensor, ...]  # static inputs, allocated outside the graphs
+    replay: Callable[[], None]
+
+
+class StepGraphs:
+    """Serves ``body(images, targets, labels)`` from graphs, one per signature (see the module docstring).
+    ``body`` must update state in place only, and read per-step values from device tensors.
+    ``on_failure`` is called after a failed capture, before the step runs eagerly."""
+
+    def __init__(self, body: Body, optimizer: torch.optim.Optimizer, device: torch.device, *,
+                 backend: CudaGraphBackend | None = None, warmup: int = WARMUP_STEPS, max_graphs: int = MAX_GRAPHS,
+                 notice: Callable[[str], None] = print_notice, on_failure: Callable[[], None] = lambda: None) -> None:
+        self.body, self.optimizer, self.device = body, optimizer, device
+        self.backend = backend if backend is not None else CudaGraphBackend(device)
+        self.warmup, self.max_graphs, self.notice, self.on_failure = warmup, max_graphs, notice, on_failure
+        self.graphs: dict[tuple, _Graph] = {}
+        self.warm: dict[tuple, int] = {}
+        self.failed = False
+        self.replays = 0
+        self._group_ids: list[int] = []
+        self._lrs: list[torch.Tensor] = []
+        self._hyper: list[tuple] = []
+        self._full_noticed = False
+
+    def __call__(self, signature: tuple, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> None:
+        """Train on one batch: eagerly, by capturing its signature's graph, or by replaying it."""
+        inputs = (images, targets, labels)
+        if self.failed:
+            self.body(*inputs)
+            return
+        self._sync_optimizer()
+        key = (signature, *((x.shape, x.dtype) for x in inputs))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs:
+                if not self._full_noticed:
+                    self._full_noticed = True
+                    self.notice(f"notice: run.cuda_graphs: {self.max_graphs} graphs are held; steps with new keep "
+                                f"counts or batch shapes run eagerly")
+                self.body(*inputs)
+                return
+            if self.warm.get(key, 0) < self.warmup:
+                self.warm[key] = self.warm.get(key, 0) + 1
+                self.backend.warmup(lambda: self.body(*inputs))
+                return
+            graph = self._capture(key, inputs)
+            if graph is None:
+                self.body(*inputs)
+                return
+        for static, x in zip(graph.inputs, inputs):
+            static.copy_(x)
+        graph.replay()
+        self.replays += 1
+
+    def _capture(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> _Graph | None:
+        static = tuple(x.clone() for x in inputs)
+        try:
+            replay = self.backend.capture(lambda: self.body(*static))
+        except Exception as e:  # noqa: BLE001 — any failure means: not capturable; say so, run eagerly
+            self.failed = True
+            self.graphs.clear()
+            self.on_failure()
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.notice(f"notice: run.cuda_graphs: the training step could not be captured ({reason}); it runs "
+                        f"eagerly from here on")
+            return None
+        self.graphs[key] = graph = _Graph(static, replay)
+        return graph
+
+    def _sync_optimizer(self) -> None:
+        """Give every parameter group a 0-d device LR that the graphs read, carrying over a value a
+        scheduler assigned since; mark the groups capturable; drop the graphs if a baked-in setting changed."""
+        groups = self.optimizer.param_groups
+        ids = [id(g) for g in groups]
+        if ids != self._group_ids:  # first call, or a loaded state dict replaced the groups and the state
+            self.graphs.clear()
+            self._group_ids = ids
+            self._lrs = [torch.tensor(float(g["lr"]), device=self.device) for g in groups]
+            self._hyper = []
+        hyper = [tuple(g.get(k) for k in _HYPER) for g in groups]
+        if hyper != self._hyper:
+            self.graphs.clear()
+            self._hyper = hyper
+        for group, lr in zip(groups, self._lrs):
+            group["capturable"] = True
+            if group["lr"] is not lr:
+                lr.fill_(float(group["lr"]))
+                group["lr"] = lr
