@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from tokendrop import build_model
-from tokendrop.bench import speed as S
+from tokendrop.bench.probe import DropProbe, config_model
+from tokendrop.bench.projection import drop_points, epoch_drop_ratios, project_schedule, steps_per_epoch, train_set_size
+from tokendrop.bench.timing import PairedTiming, interleaved_rounds
 from tokendrop.bench.command import add_arguments, run
 from tokendrop.bench.flops import count_macs
 from tokendrop.train.trainer import token_drop_schedule
@@ -62,7 +64,7 @@ def tiny_macs(kept: int | None, block: int, num_classes: int = 100, in_chans: in
 @pytest.mark.parametrize("block,drop,kept", [(0, 0.0, 64), (1, 0.25, 48), (3, 0.5, 32), (0, 0.35, 41)])
 def test_macs_closed_form_and_counted(block, drop, kept):
     model = build_model("hybrid_vit_tiny", num_classes=100)
-    probe = S.DropProbe(model, [block])
+    probe = DropProbe(model, [block])
     probe.set(drop)
     assert probe.kept() == [kept]  # int(64 · (1 − d))
     assert probe.analytic_macs() == tiny_macs(kept, block)
@@ -72,7 +74,7 @@ def test_macs_closed_form_and_counted(block, drop, kept):
 
 
 def test_seed_000_ideal_speedup_matches_design():
-    probe = S.DropProbe(build_model("hybrid_vit_ptd", num_classes=100), [0])
+    probe = DropProbe(build_model("hybrid_vit_ptd", num_classes=100), [0])
     m0, m35 = probe.analytic_macs(0.0), probe.analytic_macs(0.35)
     assert probe.kept() == [166]
     assert m0 == pytest.approx(0.91e9, rel=0.01) and m35 == pytest.approx(0.61e9, rel=0.01)
@@ -81,7 +83,7 @@ def test_seed_000_ideal_speedup_matches_design():
 
 # ------------------------------------------------------------------------------------ paired timing
 def test_paired_timing_arithmetic():
-    t = S.PairedTiming("base", [1.0, 1.0, 2.0, 2.0], {"v": [0.5, 1.0, 1.0], "w": [1.1, 1.1 * math.sqrt(2), 2.2]})
+    t = PairedTiming("base", [1.0, 1.0, 2.0, 2.0], {"v": [0.5, 1.0, 1.0], "w": [1.1, 1.1 * math.sqrt(2), 2.2]})
     # references: geometric means of the bracketing baselines = 1, √2, 2
     assert t.speedup("v") == pytest.approx(2.0)  # ratios 2, √2, 2
     assert t.overhead("w") == pytest.approx(0.1)  # every round 10 % slower
@@ -94,14 +96,14 @@ def test_paired_timing_arithmetic():
 def test_interleaved_rounds_order():
     calls: list[str] = []
     fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
-    t = S.interleaved_rounds(fns, "a", rounds=3, warmup=1)
+    t = interleaved_rounds(fns, "a", rounds=3, warmup=1)
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     timed = calls[3:]
     assert len(timed) == 3 * 3 + 1 and timed[-1] == "a"
     assert [timed[i] for i in (0, 3, 6, 9)] == ["a"] * 4  # every round starts with the baseline
     assert len(t.baseline) == 4 and all(len(v) == 3 for v in t.variants.values())
     with pytest.raises(ValueError, match="baseline"):
-        S.interleaved_rounds(fns, "z", rounds=1)
+        interleaved_rounds(fns, "z", rounds=1)
 
 
 # ----------------------------------------------------------------------------------- projection
@@ -118,16 +120,16 @@ TINY_CONFIG = {
 def test_projection_against_hand_computation():
     cfg = config_from_dict(TINY_CONFIG)
     schedule = token_drop_schedule(cfg)
-    assert S.train_set_size(cfg) == 1347
-    steps = S.steps_per_epoch(1347, 100, drop_last=False)
-    assert steps == 14 and S.steps_per_epoch(1347, 100, drop_last=True) == 13
-    epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs)
+    assert train_set_size(cfg) == 1347
+    steps = steps_per_epoch(1347, 100, drop_last=False)
+    assert steps == 14 and steps_per_epoch(1347, 100, drop_last=True) == 13
+    epoch_drops = epoch_drop_ratios(schedule, cfg.optim.epochs)
     assert epoch_drops == [[0.0], [0.0], [0.25], [0.5]]  # d(t) for t = 0, 1, 2, 3
-    model, kwargs = S.config_model(cfg)
+    model, kwargs = config_model(cfg)
     assert kwargs["num_classes"] == 10 and kwargs["in_chans"] == 1
-    probe = S.DropProbe(model, cfg.token_drop.blocks)
+    probe = DropProbe(model, cfg.token_drop.blocks)
     step_s = {0.0: 1.0, 0.25: 0.8, 0.5: 0.6}
-    proj = S.project_schedule(probe, epoch_drops, step_s, steps, 100)
+    proj = project_schedule(probe, epoch_drops, step_s, steps, 100)
     # By hand: keeps 64, 64, 48, 32 patch tokens at block 0; one grey channel in, a 10-class head.
     macs = [tiny_macs(k, 0, 10, 1) for k in (64, 64, 48, 32)]
     assert proj.ideal_speedup == pytest.approx(4 * macs[0] / sum(macs), rel=1e-12)
@@ -136,19 +138,19 @@ def test_projection_against_hand_computation():
     assert proj.speedup == pytest.approx(4 / 3.4)
     assert [p["kept_tokens"] for p in proj.points] == [[64], [48], [32]]
     # Between measured points the step time is interpolated linearly in MACs.
-    half = S.project_schedule(probe, [[0.25]], {0.0: 1.0, 0.5: 0.6}, 1, 100)
+    half = project_schedule(probe, [[0.25]], {0.0: 1.0, 0.5: 0.6}, 1, 100)
     m0, m25, m50 = (tiny_macs(k, 0, 10, 1) for k in (64, 48, 32))
     assert half.predicted_s == pytest.approx(0.6 + 0.4 * (m25 - m50) / (m0 - m50))
     with pytest.raises(ValueError, match="d = 0"):
-        S.project_schedule(probe, epoch_drops, {0.5: 0.6}, steps, 100)
+        project_schedule(probe, epoch_drops, {0.5: 0.6}, steps, 100)
 
 
 def test_drop_points_and_per_step():
     from tokendrop import Curriculum
 
-    ed = S.epoch_drop_ratios(Curriculum(1, 3, final=0.5, gamma=1.0), 4, steps=2, per_step=True)
+    ed = epoch_drop_ratios(Curriculum(1, 3, final=0.5, gamma=1.0), 4, steps=2, per_step=True)
     assert ed == [[0.0, 0.0], [0.0, 0.125], [0.25, 0.375], [0.5, 0.5]]
-    assert S.drop_points(ed, extra=[0.1, 0.2, 0.6]) == [0.0, 0.1, 0.2, 0.5]
+    assert drop_points(ed, extra=[0.1, 0.2, 0.6]) == [0.0, 0.1, 0.2, 0.5]
 
 
 # -------------------------------------------------------------------------------------- command

@@ -2,8 +2,11 @@
 
 The main CLI adds :func:`add_arguments` to its ``bench`` sub-parser and calls :func:`run`; this module
 also runs alone: ``python -m tokendrop.bench.command --model hybrid_vit_ptd --drop-ratios 0 0.35``.
-The measuring functions live in :mod:`tokendrop.bench.speed`; ``--tpc`` (TPC-ViT's MACs and packed/masked
-speed) in :mod:`tokendrop.bench.tpc`.
+The measuring functions live beside it, one concern per module: :mod:`~tokendrop.bench.timing` (interleaved
+rounds), :mod:`~tokendrop.bench.probe` (the networks and steps timed), :mod:`~tokendrop.bench.drops` (the
+grid), :mod:`~tokendrop.bench.memory`, :mod:`~tokendrop.bench.overheads`, :mod:`~tokendrop.bench.projection`,
+:mod:`~tokendrop.bench.pipeline` (the data rate), :mod:`~tokendrop.bench.tpc` (``--tpc``) and
+:mod:`~tokendrop.bench.tome_table` (``--tome-r``); :mod:`~tokendrop.bench.report` prints and plots.
 """
 
 from __future__ import annotations
@@ -117,7 +120,7 @@ def _one(value: Any, flag: str, lo: int) -> int:
 
 def _batch_sizes_and_device(args: argparse.Namespace) -> tuple[list[int], Any]:
     """``--batch-sizes`` (each >= 1) and the ``--device`` it names."""
-    from .speed import resolve_device
+    from .machine import resolve_device
 
     batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
     for n in batch_sizes:
@@ -334,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     import torch
 
+    from .report import format_report, plot_report
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
     report = measure(opts, progress=not args.no_progress)
@@ -359,7 +364,11 @@ def measure(opts: Options, progress: bool = True) -> dict:
     import torch
 
     from ..models import build_model
-    from . import speed as S
+    from .drops import measure_drops
+    from .machine import machine_info
+    from .memory import MemorySpec, peak_train_memory
+    from .overheads import measure_overheads
+    from .probe import DropProbe
 
     if opts.tpc is not None:
         return measure_tpc(opts, progress)
@@ -381,7 +390,7 @@ def measure(opts: Options, progress: bool = True) -> dict:
     bar = _progress(total, progress)
     tick = lambda: bar.update(1)  # noqa: E731
 
-    report: dict[str, Any] = {"tool": "tokendrop bench", "machine": S.machine_info(device), "notes": NOTES,
+    report: dict[str, Any] = {"tool": "tokendrop bench", "machine": machine_info(device), "notes": NOTES,
                               "settings": {"models": opts.models, "drop_ratios": opts.drops, "blocks": opts.blocks,
                                            "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                                            "warmup": opts.warmup, "memory_steps": opts.memory_steps,
@@ -396,19 +405,19 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 for block in opts.blocks:
                     bar.set_description(f"{name} b{block} bs{batch}")
                     torch.manual_seed(opts.seed)
-                    probe = S.DropProbe(build_model(name, **kwargs), [block], reducer=opts.reducer,
+                    probe = DropProbe(build_model(name, **kwargs), [block], reducer=opts.reducer,
                                         reducer_args=opts.reducer_args)
-                    rows = S.measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
+                    rows = measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
                                            infer="inference" not in opts.skip, count="counts" not in opts.skip,
                                            seed=opts.seed, on_round=tick)
                     del probe
                     if memory_on and block in opts.memory_blocks:
                         bar.set_description(f"{name} b{block} bs{batch} memory")
                         for r in rows:
-                            spec = S.MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
+                            spec = MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
                                                 torch.get_num_threads(), str(device), opts.seed, opts.reducer,
                                                 opts.reducer_args)
-                            mem = S.peak_train_memory(spec)
+                            mem = peak_train_memory(spec)
                             if mem is not None:
                                 r.peak_memory_mb = mem.peak_bytes / 2**20
                                 r.memory_method = mem.method
@@ -422,7 +431,7 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 for batch in opts.batch_sizes:
                     bar.set_description(f"{name} bs{batch} overheads")
                     torch.manual_seed(opts.seed)
-                    o = S.measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
+                    o = measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
                                             opts.rounds, opts.warmup, opts.seed, on_round=tick)
                     report["overheads"].append(dataclasses.asdict(o))
         for name in opts.models if opts.tome_r is not None else ():
@@ -462,8 +471,8 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     """The ``--tpc`` measurement of checked :class:`Options`, as a JSON-ready dict."""
     import torch
 
-    from . import speed as S
     from ..train.trainer import build_eval_model
+    from .machine import machine_info
     from .tpc import tpc_report, validation_images
 
     cfg = opts.tpc_config
@@ -477,7 +486,7 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     finally:
         bar.close()
     result.update(source=opts.tpc, model=cfg.model.name, mode_trained=cfg.tpc.mode, dataset=info.name)
-    report = {"tool": "tokendrop bench", "machine": S.machine_info(opts.device), "notes": TPC_NOTES,
+    report = {"tool": "tokendrop bench", "machine": machine_info(opts.device), "notes": TPC_NOTES,
               "settings": {"tpc": opts.tpc, "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                            "warmup": opts.warmup, "tpc_images": opts.tpc_images, "seed": opts.seed},
               "tpc": result, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
@@ -486,53 +495,35 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     return report
 
 
-def format_tpc(t: dict) -> list[str]:
-    """The stdout lines of a ``--tpc`` result."""
-    g, p = t["gmacs"], t["params"]
-    lines = [f"TPC-ViT {t['source']} ({t['model']}, {t['blocks']} blocks, {t['tokens']} tokens, κ {p['kappa']}, "
-             f"gate σ({p['gamma']:g}·y − {p['beta']:g}); {t['images']} validation images of {t['dataset']}):",
-             "  tokens per block (mean): " + " ".join(f"{n:.1f}" for n in t["mean_tokens"])
-             + f"; mean halting depth {t['mean_depth']:.2f}",
-             f"  GMACs per image: dense {g['dense']:.4f}, masked {g['masked']:.4f}, packed {g['packed']:.4f} (backbone "
-             f"{g['backbone']:.4f} + stabiliser {g['stabiliser']:.4f} + gates {g['gates']:.6f}); ideal speed-up packed "
-             f"{g['ideal_speedup_packed']:.3f}×, masked {g['ideal_speedup_masked']:.3f}×",
-             f"  packed − masked logits: max |Δ| {t['packed_vs_masked_max_abs_logit_diff']:.2e}", ""]
-    head = (f"{'bs':>5}{'dense ms':>10}{'masked ms':>11}{'packed ms':>11}{'packed×':>9}{'masked×':>9}"
-            f"{'packed/masked':>15}{'ideal':>7}{'padded ideal':>14}")
-    lines += [head, "-" * len(head)]
-    for s in t["speed"]:
-        lines.append(f"{s['batch_size']:>5}{1e3 * s['dense']['median_s']:>10.2f}{1e3 * s['masked']['median_s']:>11.2f}"
-                     f"{1e3 * s['packed']['median_s']:>11.2f}{s['packed']['speedup']:>9.3f}{s['masked']['speedup']:>9.3f}"
-                     f"{s['packed_over_masked']:>15.3f}{s['ideal_speedup']:>7.3f}{s['padded_ideal_speedup']:>14.3f}")
-    return lines
-
-
 def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict, dict | None]:
     """Projected whole-run speed-up of ``cfg``'s schedule, and its data pipeline's rate beside the model's."""
     import torch
 
-    from . import speed as S
     from ..train.trainer import token_drop_schedule
+    from .drops import measure_drops
+    from .pipeline import data_throughput
+    from .probe import DropProbe, config_model
+    from .projection import drop_points, epoch_drop_ratios, project_schedule, seconds_at, steps_per_epoch, train_set_size
 
     td = cfg.token_drop
     bs = cfg.optim.batch_size
-    n_train = S.train_set_size(cfg)
+    n_train = train_set_size(cfg)
     drop_last = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0  # as the trainer
-    steps = S.steps_per_epoch(n_train, bs, drop_last)
+    steps = steps_per_epoch(n_train, bs, drop_last)
     torch.manual_seed(opts.seed)
-    model, model_kwargs = S.config_model(cfg)
+    model, model_kwargs = config_model(cfg)
     blocks = list(td.blocks) if td.enabled else [0]
     if td.enabled:
         schedule = token_drop_schedule(cfg)
-        epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
+        epoch_drops = epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
     else:
         schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs
-    probe = S.DropProbe(model, blocks, score=td.score, relative_to=td.relative_to, reducer=td.reducer,
+    probe = DropProbe(model, blocks, score=td.score, relative_to=td.relative_to, reducer=td.reducer,
                         reducer_args=td.reducer_args)
     measured_bs = min(bs, max(opts.batch_sizes))
-    rows = S.measure_drops(cfg.model.name, probe, S.drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
+    rows = measure_drops(cfg.model.name, probe, drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
                            opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick)
-    proj = S.project_schedule(probe, epoch_drops, S.seconds_at(rows, bs), steps, bs)
+    proj = project_schedule(probe, epoch_drops, seconds_at(rows, bs), steps, bs)
     proj.config, proj.model, proj.blocks = cname, cfg.model.name, probe.blocks
     proj.schedule = repr(schedule) if schedule is not None else "token drop disabled"
     proj.measured_batch_size = measured_bs
@@ -547,7 +538,7 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
     out["no_drop_hours"] = proj.no_drop_s / 3600
     pipe = None
     if opts.data_batches and "data" not in opts.skip:
-        p = S.data_throughput(cfg, opts.data_batches)
+        p = data_throughput(cfg, opts.data_batches)
         model_rates = [bs / t for t in proj.epoch_step_s]
         slowest, fastest = min(model_rates), max(model_rates)
         pipe = dataclasses.asdict(p) | {
@@ -557,107 +548,6 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
         }
     tick()
     return out, pipe
-
-
-# ------------------------------------------------------------------------------------------- output
-def _f(v: Any, fmt: str, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
-
-
-def format_report(report: dict) -> str:
-    """The stdout table of a report."""
-    m = report["machine"]
-    lines = [f"tokendrop bench — {m['device']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch_version']}, "
-             f"{m['date']}",
-             "speed-ups: median of paired ratios against d = 0 (interleaved rounds); min×: ratio of the fastest steps; "
-             "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
-    if "tpc" in report:
-        return "\n".join([lines[0], "", *format_tpc(report["tpc"])])
-    head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
-            f"{'eff':>6}{'min×':>7}{'infer ms':>10}{'infer×':>8}{'eff':>6}{'GMAC cnt':>10}{'GMAC ana':>10}{'diff%':>7}"
-            f"{'mem MB':>9}{'mem/0':>7}")
-    lines += [head, "-" * len(head)]
-    for r in report["rows"]:
-        tr, inf = r["train"] or {}, r["infer"] or {}
-        lines.append(
-            f"{r['model']:<16}{','.join(map(str, r['blocks'])):>4}{r['batch_size']:>5}{r['drop_ratio']:>6.2f}"
-            f"{','.join(map(str, r['kept_tokens'])):>6}"
-            f"{_f(tr.get('median_s') and 1e3 * tr['median_s'], '.1f', 10)}{_f(tr.get('images_per_s'), '.1f', 8)}"
-            f"{r['ideal_speedup']:>7.3f}{_f(tr.get('speedup'), '.3f', 8)}{_f(r['train_efficiency'], '.2f', 6)}"
-            f"{_f(tr.get('speedup_of_minima'), '.3f', 7)}"
-            f"{_f(inf.get('median_s') and 1e3 * inf['median_s'], '.1f', 10)}{_f(inf.get('speedup'), '.3f', 8)}"
-            f"{_f(r['infer_efficiency'], '.2f', 6)}"
-            f"{_f(r['macs_counted'] and r['macs_counted'] / 1e9, '.4f', 10)}{r['macs_analytic'] / 1e9:>10.4f}"
-            f"{_f(r['macs_agreement_pct'], '.2f', 7)}{_f(r['peak_memory_mb'], '.0f', 9)}{_f(r['memory_vs_no_drop'], '.2f', 7)}")
-    if report["overheads"]:
-        lines += ["", "overheads (training step, median paired ratio):"]
-        for o in report["overheads"]:
-            lines.append(f"  {o['model']} bs {o['batch_size']}: saliency at d = 0 (block {o['block']}) "
-                         f"{o['saliency_overhead_pct']:+.2f} % of the step; explicit softmax(QKᵀ) attention step / ours "
-                         f"= {o['explicit_over_ours']:.3f} ({1e3 * o['explicit_step_median_s']:.1f} vs "
-                         f"{1e3 * o['step_median_s']:.1f} ms)")
-    for p in report["projections"]:
-        lines += ["", f"projection {p['config']} ({p['model']}, blocks {p['blocks']}, {p['schedule']}, "
-                      f"{p['epochs']} epochs × {p['steps_per_epoch']} steps at batch {p['batch_size']}):"]
-        for pt in p["points"]:
-            lines.append(f"  d = {pt['drop_ratio']:.3f}: kept {pt['kept_tokens']}, {pt['macs_per_image'] / 1e9:.4f} GMAC, "
-                         f"{pt['step_s']:.3f} s/step")
-        lines.append(f"  predicted {p['predicted_hours']:.2f} h against {p['no_drop_hours']:.2f} h without drop: "
-                     f"{p['speedup']:.3f}× (ideal {p['ideal_speedup']:.3f}×)")
-        for n in p["notes"]:
-            lines.append(f"  note: {n}")
-    if report.get("tome"):
-        from .tome_table import ToMeRow, format_table
-        from .speed import Timing
-
-        lines += ["", "ToMe: r tokens merged in every block, inference, speed-up against r = 0 (median of paired ratios):",
-                  format_table([ToMeRow(**(r | {"timing": Timing(**r["timing"])})) for r in report["tome"]])]
-    for d in report["data_pipeline"]:
-        lines += ["", f"data pipeline {d['config']}: {d['images_per_s']:.0f} images/s with {d['workers']} workers "
-                      f"({d['source']}); model {d['model_images_per_s_min']:.0f}–{d['model_images_per_s_max']:.0f} images/s "
-                      f"over the schedule → bound by the {d['bound_by']}"]
-    return "\n".join(lines)
-
-
-def plot_report(report: dict, path: Path) -> None:
-    """Measured (training, inference; bars: quartiles of the paired ratios) and ideal speed-up against drop
-    ratio, one panel per model and batch size, one colour per block; written with matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels: dict[tuple[str, int], list[dict]] = {}
-    for r in report["rows"]:
-        panels.setdefault((r["model"], r["batch_size"]), []).append(r)
-    n = max(1, len(panels))
-    fig = Figure(figsize=(5.2 * n, 4.2), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    for ax, ((model, bs), rows) in zip(axes, panels.items()):
-        by_block: dict[str, list[dict]] = {}
-        for r in rows:
-            by_block.setdefault(",".join(map(str, r["blocks"])), []).append(r)
-        for i, (blk, rs) in enumerate(by_block.items()):
-            rs = sorted(rs, key=lambda r: r["drop_ratio"])
-            c = colours[i % len(colours)]
-            d = [r["drop_ratio"] for r in rs]
-            ax.plot(d, [r["ideal_speedup"] for r in rs], "--", color=c, alpha=0.7, label=f"block {blk} ideal (MACs)")
-            for mode, style, label in (("train", "o-", "training step"), ("infer", "x:", "inference (reduced)")):
-                if all(r[mode] for r in rs):
-                    y = [r[mode]["speedup"] for r in rs]
-                    err = [[v - r[mode]["speedup_q25"] for v, r in zip(y, rs)],
-                           [r[mode]["speedup_q75"] - v for v, r in zip(y, rs)]]
-                    ax.errorbar(d, y, yerr=err, fmt=style, color=c, capsize=2, lw=1.2, label=f"block {blk} {label}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("drop ratio d")
-        ax.set_ylabel("speed-up over d = 0")
-        ax.set_title(f"{model}, batch {bs}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    m = report["machine"]
-    fig.suptitle(f"{m['device']} ({m['cpu']}, {m['torch_threads']} threads), torch {m['torch_version']}, {m['date']}",
-                 fontsize=8)
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
