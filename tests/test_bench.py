@@ -4,6 +4,7 @@ against a hand computation, a tiny end-to-end run and argument errors. No timing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from tokendrop import build_model
-from tokendrop.bench.probe import DropProbe, config_model
+from tokendrop.bench.probe import DropProbe, FixedBatchStep, StepSpec, build_train_step, config_model, input_batch
 from tokendrop.bench.projection import drop_points, epoch_drop_ratios, project_schedule, steps_per_epoch, train_set_size
 from tokendrop.bench.timing import PairedTiming, interleaved_rounds
 from tokendrop.bench.command import add_arguments, run
@@ -218,6 +219,9 @@ def test_config_block_out_of_range(tmp_path, capsys):
     (["--device", "quantum"], "--device"),
     (["--config", "no_such_config_name"], "--config"),
     (["--rounds", "0"], "--rounds"),
+    (["--amp", "fp16"], "--amp"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--ema", "ema"], "--ema"),
 ])
 def test_bad_arguments(argv, flag, capsys):
     rc = run(parse(["--model", "hybrid_vit_tiny", "--no-progress", *argv] if argv[0] != "--model" else
@@ -277,3 +281,95 @@ def test_tome_table_rejects_negative_r(capsys):
     assert run(parse(["--model", "hybrid_vit_tiny", "--tome-r", "-1", "--no-progress"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tome-r" in err[0]
+
+
+# ------------------------------------------------------------------------------- the training step
+STEP_CONFIG = {
+    "seed": 3,
+    "model": {"name": "hybrid_vit_tiny", "drop_rate": 0.0, "drop_path_rate": 0.0},
+    "data": {"dataset": "synthetic", "workers": 0, "synthetic": {"classes": 10, "train_images": 32, "val_images": 8}},
+    "augment": {"randaugment_ops": 0},
+    "optim": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "clip_grad": 0.5, "label_smoothing": 0.1},
+    "ema": {"enabled": True, "decay": 0.99, "warmup": "torch_ema"},
+    "token_drop": {"enabled": True, "blocks": [1], "schedule": "constant", "keep_rate": 0.5},
+}
+
+
+def test_bench_step_is_the_trainers(tmp_path):
+    """Three steps of the bench's step and of the step the trainer built, from the same weights on the same
+    batch: identical parameters, EMA weights and loss sums."""
+    import copy
+
+    from tokendrop.train.trainer import Trainer
+
+    cfg = config_from_dict(STEP_CONFIG)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    device = torch.device("cpu")
+    ours = build_train_step(copy.deepcopy(trainer.model), StepSpec.from_config(cfg), device)
+    images, targets = input_batch(trainer.model, 8, device, seed=1)
+    theirs = trainer.train_step
+    assert [(g["role"], g["lr"], g["weight_decay"], g["fused"]) for g in ours.optimizer.param_groups] == \
+        [(g["role"], g["lr"], g["weight_decay"], g["fused"]) for g in theirs.optimizer.param_groups]
+    bench_step = FixedBatchStep(ours, images, targets)
+    for _ in range(3):
+        bench_step()
+        theirs.net.train()
+        theirs(images, targets)
+    assert ours.poll().loss_sum == theirs.poll().loss_sum
+    for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ours.ema.module.parameters(), theirs.ema.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _steps(spec: StepSpec, steps: int = 3) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    model = build_model("hybrid_vit_tiny", num_classes=10)
+    step = build_train_step(model, spec, torch.device("cpu"))
+    fixed = FixedBatchStep(step, *input_batch(model, 4, torch.device("cpu")))
+    for _ in range(steps):
+        fixed()
+    return model, step
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+
+
+def test_step_options_change_what_runs():
+    model, step = _steps(StepSpec())
+    assert step.ema is None and step.amp == "auto"
+    free = _grad_norm(model)
+    clipped, _ = _steps(StepSpec(clip_grad=free / 10))
+    assert _grad_norm(clipped) == pytest.approx(free / 10, rel=1e-4)  # the last step's gradients, clipped
+    for rule in ("torch_ema", "none"):
+        model, step = _steps(StepSpec(ema=rule))
+        assert step.ema is not None
+        assert any(not torch.equal(a, b) for a, b in zip(step.ema.module.parameters(), model.parameters()))
+    _, fp32 = _steps(StepSpec(amp="off"), 1)
+    _, bf16 = _steps(StepSpec(amp="bf16"), 1)
+    assert fp32.poll().loss_sum != bf16.poll().loss_sum
+
+
+def test_memory_probe_builds_the_same_step():
+    from tokendrop.bench.memory import MemorySpec, _build_for_memory
+
+    spec = StepSpec(clip_grad=0.25, ema="torch_ema")
+    fixed = _build_for_memory(MemorySpec("hybrid_vit_tiny", {"num_classes": 10}, batch_size=2,
+                                         step=dataclasses.asdict(spec)), torch.device("cpu"))
+    assert fixed.step.max_norm == 0.25 and fixed.step.ema is not None and fixed.step.optimizer.defaults["fused"]
+
+
+def test_step_flags_in_report(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
+                    "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "counts", "inference",
+                    "--device", "cpu", "--clip-grad", "0.5", "--ema", "torch_ema", "--amp", "off", "--compile",
+                    "--json", str(out), "--no-progress"]))
+    assert rc == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["train_step"] | {"clip_grad": 0.5, "ema": "torch_ema", "amp": "off"} == settings["train_step"]
+    captured = capsys.readouterr()
+    assert "clip-grad 0.5, EMA torch_ema" in captured.out and "compile off" in captured.out
+    assert captured.err.count("notice: --compile") == 1

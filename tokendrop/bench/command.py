@@ -31,8 +31,11 @@ NOTES = [
     "order; a closing baseline ends the last round). speedup = median over rounds of reference / time, where "
     "reference is the geometric mean of the two baselines around the variant; *_median_s are raw medians; "
     "speedup_of_minima compares the fastest steps (load from other processes only adds time).",
-    "Training step = zero_grad, forward, cross-entropy, backward, AdamW step on a fixed random batch "
-    "(no data loading, AMP, clipping or EMA).",
+    "Training step = the trainer's (tokendrop.train.step.TrainStep, built as the trainer builds it): forward under "
+    "autocast (--amp), cross-entropy and the reducers' auxiliary losses, backward, foreach gradient-norm clipping "
+    "(--clip-grad; 0 measures the norm only), fused AdamW over the trainer's parameter groups, EMA update (--ema), "
+    "on a fixed random batch (no data loading). A --config's projection and --epochs-timed time the config's own "
+    "step (run.amp, optim.*, ema.*, run.compile; its cross-entropy without Mixup, no distillation teacher).",
     "Inference rows run the reducer at inference too (sites attached with when='always'): that is post-hoc "
     "pruning. PTD/CTD themselves evaluate with every token, so their inference cost is the d = 0 row.",
     "MACs are per image, forward: macs_counted by FlopCounterMode (with the CPU SDPA formula), macs_analytic in "
@@ -79,6 +82,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpc-images", default="256", metavar="N",
                         help="validation images whose halting gives the MACs (default 256)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--amp", default="auto", metavar="MODE",
+                        help="autocast of the training step: auto (bf16 on CUDA, off elsewhere, as run.amp), bf16, off")
+    parser.add_argument("--clip-grad", default="0", metavar="G",
+                        help="global gradient-norm clipping of the training step (as optim.clip_grad); 0 = none (default)")
+    parser.add_argument("--ema", default="off", metavar="RULE",
+                        help="EMA update in the training step: off (default), torch_ema or none (the rules of ema.warmup)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (as run.compile: CUDA only; elsewhere a notice, and it runs eager)")
     parser.add_argument("--rounds", default="5", metavar="R", help="interleaved timing rounds (default 5)")
     parser.add_argument("--warmup", default="2", metavar="W", help="untimed steps per variant first (default 2)")
     parser.add_argument("--memory-steps", default="2", metavar="S",
@@ -158,6 +169,7 @@ class Options:
     tpc_config: Any = None
     tpc_state: dict | None = None
     tpc_images: int = 256
+    step: Any = None  # the StepSpec of the grid's training steps
 
 
 # With --tpc these keep their defaults: they describe the drop grid and the projections.
@@ -165,6 +177,22 @@ _GRID_ONLY = (("--model", "model", ["hybrid_vit_ptd"]), ("--drop-ratios", "drop_
               ("--blocks", "blocks", ["0"]), ("--reducer", "reducer", "topk"), ("--reducer-args", "reducer_args", "{}"),
               ("--config", "config", []), ("--set", "set", []), ("--memory-blocks", "memory_blocks", None),
               ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None))
+# How the training step is built (the grid's; a config's step is its own).
+_STEP_FLAGS = (("--amp", "amp", "auto"), ("--clip-grad", "clip_grad", "0"), ("--ema", "ema", "off"),
+               ("--compile", "compile", False))
+
+
+def _check_step(args: argparse.Namespace) -> Any:
+    """The :class:`~tokendrop.bench.probe.StepSpec` of ``--amp``, ``--clip-grad``, ``--ema`` and ``--compile``."""
+    from .probe import AMP_MODES, EMA_RULES, StepSpec
+
+    for flag, value, allowed in (("--amp", args.amp, AMP_MODES), ("--ema", args.ema, EMA_RULES)):
+        if value not in allowed:
+            raise UsageError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
+    (clip,) = _numbers([args.clip_grad], "--clip-grad", float)
+    if clip < 0:
+        raise UsageError(f"--clip-grad: {clip:g} is outside the allowed range [0, inf)")
+    return StepSpec(amp=args.amp, clip_grad=clip, ema=args.ema, compile=args.compile)
 
 
 def _check_tpc(args: argparse.Namespace) -> Options:
@@ -175,7 +203,7 @@ def _check_tpc(args: argparse.Namespace) -> Options:
 
     if args.tpc is None:
         raise UsageError(f"{'--tpc-set' if args.tpc_set else '--tpc-images'}: only applies to --tpc")
-    for flag, name, default in _GRID_ONLY:
+    for flag, name, default in _GRID_ONLY + _STEP_FLAGS:
         if getattr(args, name) != default:
             raise UsageError(f"{flag}: not used with --tpc (it measures the model of its source)")
     try:
@@ -252,7 +280,7 @@ def check_args(args: argparse.Namespace) -> Options:
                    _one(args.rounds, "--rounds", 1), _one(args.warmup, "--warmup", 0),
                    _one(args.memory_steps, "--memory-steps", 0), _one(args.data_batches, "--data-batches", 0),
                    _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks,
-                   reducer, reducer_args, tome_r)
+                   reducer, reducer_args, tome_r, step=_check_step(args))
 
 
 def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
@@ -289,7 +317,10 @@ def command_line(args: argparse.Namespace) -> str:
     for s in args.set:
         parts += ["--set", s]
     parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-              "--memory-steps", str(args.memory_steps)]
+              "--memory-steps", str(args.memory_steps), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
+              "--ema", args.ema]
+    if args.compile:
+        parts += ["--compile"]
     if args.memory_blocks is not None:
         parts += ["--memory-blocks", *map(str, args.memory_blocks)]
     parts += ["--data-batches", str(args.data_batches)]
@@ -341,6 +372,9 @@ def run(args: argparse.Namespace) -> int:
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.step is not None and opts.step.compile and opts.device.type != "cuda":
+        print(f"notice: --compile applies on CUDA only (as run.compile); the step runs eager on {opts.device}",
+              file=sys.stderr)
     report = measure(opts, progress=not args.no_progress)
     report["command"] = command_line(args)
     print(format_report(report))
@@ -396,7 +430,9 @@ def measure(opts: Options, progress: bool = True) -> dict:
                                            "warmup": opts.warmup, "memory_steps": opts.memory_steps,
                                            "memory_blocks": opts.memory_blocks, "reducer": opts.reducer,
                                            "reducer_args": opts.reducer_args,
-                                           "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed},
+                                           "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed,
+                                           "train_step": dataclasses.asdict(opts.step),
+                                           "train_step_description": opts.step.describe(device)},
                               "rows": [], "overheads": [], "projections": [], "data_pipeline": [], "tome": []}
     kwargs = {"num_classes": BENCH_NUM_CLASSES}
     try:
@@ -409,14 +445,14 @@ def measure(opts: Options, progress: bool = True) -> dict:
                                         reducer_args=opts.reducer_args)
                     rows = measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
                                            infer="inference" not in opts.skip, count="counts" not in opts.skip,
-                                           seed=opts.seed, on_round=tick)
+                                           seed=opts.seed, on_round=tick, step=opts.step)
                     del probe
                     if memory_on and block in opts.memory_blocks:
                         bar.set_description(f"{name} b{block} bs{batch} memory")
                         for r in rows:
                             spec = MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
                                                 torch.get_num_threads(), str(device), opts.seed, opts.reducer,
-                                                opts.reducer_args)
+                                                opts.reducer_args, dataclasses.asdict(opts.step))
                             mem = peak_train_memory(spec)
                             if mem is not None:
                                 r.peak_memory_mb = mem.peak_bytes / 2**20
@@ -432,7 +468,7 @@ def measure(opts: Options, progress: bool = True) -> dict:
                     bar.set_description(f"{name} bs{batch} overheads")
                     torch.manual_seed(opts.seed)
                     o = measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
-                                            opts.rounds, opts.warmup, opts.seed, on_round=tick)
+                                            opts.rounds, opts.warmup, opts.seed, on_round=tick, step=opts.step)
                     report["overheads"].append(dataclasses.asdict(o))
         for name in opts.models if opts.tome_r is not None else ():
             from .tome_table import measure_tome
@@ -502,7 +538,7 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
     from ..train.trainer import token_drop_schedule
     from .drops import measure_drops
     from .pipeline import data_throughput
-    from .probe import DropProbe, config_model
+    from .probe import StepSpec, config_probe
     from .projection import drop_points, epoch_drop_ratios, project_schedule, seconds_at, steps_per_epoch, train_set_size
 
     td = cfg.token_drop
@@ -511,18 +547,16 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
     drop_last = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0  # as the trainer
     steps = steps_per_epoch(n_train, bs, drop_last)
     torch.manual_seed(opts.seed)
-    model, model_kwargs = config_model(cfg)
-    blocks = list(td.blocks) if td.enabled else [0]
+    probe, model_kwargs = config_probe(cfg)
     if td.enabled:
         schedule = token_drop_schedule(cfg)
         epoch_drops = epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
     else:
         schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs
-    probe = DropProbe(model, blocks, score=td.score, relative_to=td.relative_to, reducer=td.reducer,
-                        reducer_args=td.reducer_args)
     measured_bs = min(bs, max(opts.batch_sizes))
+    step = StepSpec.from_config(cfg)
     rows = measure_drops(cfg.model.name, probe, drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
-                           opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick)
+                         opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick, step=step)
     proj = project_schedule(probe, epoch_drops, seconds_at(rows, bs), steps, bs)
     proj.config, proj.model, proj.blocks = cname, cfg.model.name, probe.blocks
     proj.schedule = repr(schedule) if schedule is not None else "token drop disabled"
@@ -532,6 +566,7 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
                       f"epochs counted from 0; drop ratio {'moved every step' if td.per_step else 'set once per epoch'}")
     if measured_bs != bs:
         proj.notes.append(f"step times measured at batch {measured_bs} and scaled linearly to batch {bs}")
+    proj.notes.append(f"the config's training step: {step.describe(opts.device)}")
     out = dataclasses.asdict(proj)
     out["model_kwargs"] = model_kwargs
     out["predicted_hours"] = proj.predicted_s / 3600

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from .flops import count_macs, count_train_macs
-from .probe import DropProbe, InferStep, TrainStep, input_batch
+from .probe import DropProbe, FixedBatchStep, InferStep, StepSpec, build_train_step, input_batch
 from .timing import Timing, interleaved_rounds
 
 __all__ = ["DropResult", "measure_drops"]
@@ -42,10 +42,11 @@ class DropResult:
 
 def measure_drops(name: str, probe: DropProbe, drops: Sequence[float], batch_size: int, device: torch.device,
                   rounds: int = 5, warmup: int = 2, infer: bool = True, count: bool = True, seed: int = 0,
-                  on_round: Callable[[], None] | None = None) -> list[DropResult]:
+                  on_round: Callable[[], None] | None = None, step: StepSpec | None = None) -> list[DropResult]:
     """Time training (and, with ``infer``, inference) of ``probe.model`` at every drop ratio in ``drops``
     against d = 0, in interleaved rounds; with ``count``, count MACs with FlopCounterMode beside the
-    closed form. d = 0 is always measured: it is the baseline (its row has speed-up 1).
+    closed form. d = 0 is always measured: it is the baseline (its row has speed-up 1). The training step
+    is the trainer's, built from ``step`` (default :class:`StepSpec`) by :func:`build_train_step`.
 
     Returns one :class:`DropResult` per drop ratio (d = 0 first); memory fields are left empty
     (see :func:`peak_train_memory`).
@@ -83,7 +84,7 @@ def measure_drops(name: str, probe: DropProbe, drops: Sequence[float], batch_siz
         return run
 
     key = {r.drop_ratio: f"d={r.drop_ratio:g}" for r in rows}
-    train_step = TrainStep(model, images, targets, gradient_saliency=probe.needs_gradient)
+    train_step = FixedBatchStep(build_train_step(model, step or StepSpec(), device), images, targets)
     timing = interleaved_rounds({key[d]: variant(train_step, d) for d in drops}, key[0.0], rounds, warmup,
                                 device, seed, on_round)
     for r in rows:

@@ -21,7 +21,7 @@ import torch
 
 from ..models import build_model
 from .machine import synchronize
-from .probe import DropProbe, TrainStep, input_batch
+from .probe import DropProbe, FixedBatchStep, StepSpec, build_train_step, input_batch
 
 __all__ = ["MemoryResult", "MemorySpec", "peak_train_memory"]
 
@@ -29,7 +29,8 @@ __all__ = ["MemoryResult", "MemorySpec", "peak_train_memory"]
 @dataclass
 class MemorySpec:
     """What a memory measurement builds: ``build_model(model, **model_kwargs)`` with ``reducer`` sites at
-    ``blocks`` dropping ``drop_ratio``, trained for ``steps`` steps at ``batch_size``."""
+    ``blocks`` dropping ``drop_ratio``, trained for ``steps`` steps at ``batch_size`` by the trainer's step
+    (``step``: the fields of a :class:`~tokendrop.bench.probe.StepSpec`)."""
 
     model: str
     model_kwargs: dict = field(default_factory=dict)
@@ -42,6 +43,7 @@ class MemorySpec:
     seed: int = 0
     reducer: str = "topk"
     reducer_args: dict = field(default_factory=dict)
+    step: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -70,13 +72,13 @@ def _maxrss_bytes() -> int:
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 
 
-def _build_for_memory(spec: MemorySpec, device: torch.device) -> TrainStep:
+def _build_for_memory(spec: MemorySpec, device: torch.device) -> FixedBatchStep:
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, **spec.model_kwargs).to(device)
     probe = DropProbe(model, spec.blocks, reducer=spec.reducer, reducer_args=spec.reducer_args)
     probe.set(spec.drop_ratio)
     images, targets = input_batch(model, spec.batch_size, device, spec.seed)
-    return TrainStep(model, images, targets)
+    return FixedBatchStep(build_train_step(model, StepSpec(**spec.step), device), images, targets)
 
 
 def _measure_memory_here(spec: MemorySpec) -> MemoryResult:

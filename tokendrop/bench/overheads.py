@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .probe import DropProbe, TrainStep, input_batch
+from .probe import DropProbe, FixedBatchStep, StepSpec, build_train_step, input_batch
 from .timing import interleaved_rounds
 
 __all__ = ["OverheadResult", "measure_overheads"]
@@ -32,11 +32,12 @@ class OverheadResult:
 
 def measure_overheads(name: str, model: nn.Module, block: int, batch_size: int, device: torch.device,
                       rounds: int = 5, warmup: int = 2, seed: int = 0,
-                      on_round: Callable[[], None] | None = None) -> OverheadResult:
+                      on_round: Callable[[], None] | None = None, step: StepSpec | None = None) -> OverheadResult:
     """Training step of ``model`` (no drop) against (a) a site at ``block`` at d = 0 with
     ``always_reduce=True`` (saliency computed, nothing dropped) and (b) a copy of the network whose
     attention materialises ``softmax(QKᵀ)`` (timm's ``fused_attn = False``), in interleaved rounds.
-    ``model`` must have no sites; it is used in place."""
+    ``model`` must have no sites; it is used in place. Both steps are the trainer's, built from ``step``
+    (default :class:`~tokendrop.bench.probe.StepSpec`)."""
     model.to(device)
     explicit = copy.deepcopy(model)
     for blk in explicit.blocks:
@@ -44,8 +45,9 @@ def measure_overheads(name: str, model: nn.Module, block: int, batch_size: int, 
             blk.attn.fused_attn = False
     probe = DropProbe(model, [block])  # d = 0: inactive unless always_reduce
     images, targets = input_batch(model, batch_size, device, seed)
-    ours = TrainStep(model, images, targets)
-    theirs = TrainStep(explicit, images, targets)
+    spec = step or StepSpec()
+    ours = FixedBatchStep(build_train_step(model, spec, device), images, targets)
+    theirs = FixedBatchStep(build_train_step(explicit, spec, device), images, targets)
 
     def plain() -> None:
         probe.set_always_reduce(False)

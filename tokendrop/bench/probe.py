@@ -1,21 +1,25 @@
 """What the benchmark runs: a backbone whose drop ratio is set directly, fixed input batches and the steps
-timed on them."""
+timed on them — the trainer's own training step (:func:`build_train_step`) and an inference forward."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model
-from ..reduction import Schedule, attach, expected_patch_tokens, prepare_step, sites
+from ..reduction import Schedule, attach, expected_patch_tokens, sites
 from ..reduction import reducer as build_reducer
+from ..train.ema import build_ema
+from ..train.optim import adamw_kernel, build_adamw, param_groups
+from ..train.step import TrainStep
 from .flops import attached_macs
 
-__all__ = ["DropProbe", "FixedDrop", "InferStep", "TrainStep", "config_model", "input_batch", "input_shape"]
+__all__ = ["AMP_MODES", "DropProbe", "EMA_RULES", "FixedBatchStep", "FixedDrop", "InferStep", "StepSpec",
+           "build_train_step", "config_model", "config_probe", "input_batch", "input_shape"]
 
 
 class FixedDrop(Schedule):
@@ -100,26 +104,72 @@ class DropProbe:
         return attached_macs(self.model, (h, w))
 
 
-class TrainStep:
-    """One training step on a fixed batch: zero_grad, forward, cross-entropy, backward, AdamW step.
+AMP_MODES = ("auto", "bf16", "off")
+EMA_RULES = ("off", "torch_ema", "none")
+"""``--ema``: no EMA, or the rule of ``ema.warmup`` (see :mod:`tokendrop.train.ema`)."""
 
-    With a gradient-saliency site, :func:`tokendrop.prepare_step` runs first (its extra forward and
-    backward are part of the step, as in training)."""
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, lr: float = 1e-5,
-                 gradient_saliency: bool = False) -> None:
-        self.model, self.images, self.targets = model, images, targets
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        self.gradient_saliency = gradient_saliency
+@dataclass
+class StepSpec:
+    """How :func:`build_train_step` builds the trainer's step: the ``run``/``optim``/``ema`` keys it reads.
+
+    The defaults are ``tokendrop bench``'s (no clipping, no EMA); :meth:`from_config` takes a config's.
+    The learning rate does not change a step's cost; the bench's small default keeps the weights near
+    their initial values over many timed steps."""
+
+    amp: str = "auto"  # run.amp: auto = bf16 autocast on CUDA, full precision elsewhere
+    clip_grad: float = 0.0  # optim.clip_grad; 0 = measure the norm without clipping (as the trainer)
+    ema: str = "off"  # off, or ema.warmup's rule: torch_ema, none
+    ema_decay: float = 0.9999
+    compile: bool = False  # run.compile: torch.compile the network, on CUDA only (as the trainer)
+    lr: float = 1e-5
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    label_smoothing: float = 0.0
+    reducer_lr_scale: float = 1.0
+    backbone_lr_scale: float = 1.0
+    backbone_freeze_epochs: float = 0.0
+    trainable: str = "all"
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "StepSpec":
+        """The step a config trains with (its cross-entropy without Mixup, and no distillation teacher)."""
+        o = cfg.optim
+        return cls(cfg.run.amp, o.clip_grad, cfg.ema.warmup if cfg.ema.enabled else "off", cfg.ema.decay,
+                   cfg.run.compile, o.lr, o.weight_decay, tuple(o.betas), o.label_smoothing, o.reducer_lr_scale,
+                   o.backbone_lr_scale, o.backbone_freeze_epochs, o.trainable)
+
+    def describe(self, device: torch.device) -> str:
+        """One line: the settings that change what the step runs on ``device``."""
+        amp = "bf16" if self.amp == "bf16" or (self.amp == "auto" and device.type == "cuda") else "off"
+        kernel = "fused" if adamw_kernel(device)["fused"] else "foreach"
+        return (f"tokendrop.train.step.TrainStep: AdamW ({kernel}), amp {amp}, clip-grad {self.clip_grad:g}, "
+                f"EMA {self.ema if self.ema == 'off' else f'{self.ema} (decay {self.ema_decay:g})'}, "
+                f"compile {'on' if self.compile and device.type == 'cuda' else 'off'}")
+
+
+def build_train_step(model: nn.Module, spec: StepSpec, device: torch.device) -> TrainStep:
+    """The trainer's :class:`~tokendrop.train.step.TrainStep` for ``model`` (already on ``device``), built as
+    :class:`~tokendrop.train.trainer.Trainer` builds it: EMA by ``build_ema``, AdamW by ``build_adamw`` over
+    ``param_groups``, cross-entropy, and the compiled network on CUDA when ``spec.compile``."""
+    ema = build_ema(model, spec.ema_decay, spec.ema).to(device) if spec.ema != "off" else None
+    groups = param_groups(model, spec.weight_decay, spec.reducer_lr_scale, spec.backbone_lr_scale,
+                          spec.backbone_freeze_epochs, spec.trainable)
+    optimizer = build_adamw(groups, spec.lr, tuple(spec.betas), device)
+    net = torch.compile(model) if spec.compile and device.type == "cuda" else model
+    return TrainStep(model, net, optimizer, nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing), device,
+                     amp=spec.amp, clip_grad=spec.clip_grad, ema=ema)
+
+
+class FixedBatchStep:
+    """Call to run ``step`` (a :class:`~tokendrop.train.step.TrainStep`) once on a fixed batch, in train mode."""
+
+    def __init__(self, step: TrainStep, images: torch.Tensor, targets: torch.Tensor) -> None:
+        self.step, self.images, self.targets = step, images, targets
 
     def __call__(self) -> None:
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.gradient_saliency:
-            prepare_step(self.model, self.images, self.targets, F.cross_entropy)
-        loss = F.cross_entropy(self.model(self.images), self.targets)
-        loss.backward()
-        self.optimizer.step()
+        self.step.net.train()
+        self.step(self.images, self.targets)
 
 
 class InferStep:
@@ -148,3 +198,13 @@ def config_model(cfg: Any) -> tuple[nn.Module, dict]:
     kwargs = {"num_classes": num_classes, "in_chans": info.in_chans, "img_size": cfg.data.img_size or info.img_size,
               "drop_rate": cfg.model.drop_rate, "drop_path_rate": cfg.model.drop_path_rate}
     return build_model(cfg.model.name, **kwargs), kwargs
+
+
+def config_probe(cfg: Any) -> tuple[DropProbe, dict]:
+    """The config's backbone with a :class:`DropProbe` at its ``token_drop`` sites (block 0 when token drop
+    is off), and the ``build_model`` keyword arguments used."""
+    td = cfg.token_drop
+    model, kwargs = config_model(cfg)
+    probe = DropProbe(model, list(td.blocks) if td.enabled else [0], score=td.score, relative_to=td.relative_to,
+                      reducer=td.reducer, reducer_args=td.reducer_args)
+    return probe, kwargs

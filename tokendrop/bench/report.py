@@ -21,6 +21,8 @@ def format_report(report: dict) -> str:
              "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
     if "tpc" in report:
         return "\n".join([lines[0], "", *format_tpc(report["tpc"])])
+    if "train_step_description" in report["settings"]:
+        lines.insert(2, f"training step: {report['settings']['train_step_description']}")
     head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
             f"{'eff':>6}{'min×':>7}{'infer ms':>10}{'infer×':>8}{'eff':>6}{'GMAC cnt':>10}{'GMAC ana':>10}{'diff%':>7}"
             f"{'mem MB':>9}{'mem/0':>7}")
