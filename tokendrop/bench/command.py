@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every --config, e.g. optim.epochs=100")
+    parser.add_argument("--epochs-timed", metavar="N",
+                        help="instead of the drop grid and projection: train each --config for N epochs (after one "
+                             "untimed warm-up epoch) at d = 0 and at a constant drop ratio (its token_drop final, or "
+                             "the one non-zero --drop-ratios value), and say what bounds them: the data pipeline, "
+                             "launch/overhead or arithmetic")
     parser.add_argument("--tpc", metavar="SOURCE",
                         help="measure TPC-ViT instead of the drop grid: a run's checkpoint (a TPC run: its config and "
                              "weights; a plain run: its weights with TPC attached) or a config (weights from "
@@ -170,13 +175,15 @@ class Options:
     tpc_state: dict | None = None
     tpc_images: int = 256
     step: Any = None  # the StepSpec of the grid's training steps
+    epochs_timed: int = 0  # --epochs-timed: timed epochs per config (drops: each config's drop ratio)
 
 
 # With --tpc these keep their defaults: they describe the drop grid and the projections.
 _GRID_ONLY = (("--model", "model", ["hybrid_vit_ptd"]), ("--drop-ratios", "drop_ratios", list(DEFAULT_DROPS)),
               ("--blocks", "blocks", ["0"]), ("--reducer", "reducer", "topk"), ("--reducer-args", "reducer_args", "{}"),
               ("--config", "config", []), ("--set", "set", []), ("--memory-blocks", "memory_blocks", None),
-              ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None))
+              ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None),
+              ("--epochs-timed", "epochs_timed", None))
 # How the training step is built (the grid's; a config's step is its own).
 _STEP_FLAGS = (("--amp", "amp", "auto"), ("--clip-grad", "clip_grad", "0"), ("--ema", "ema", "off"),
                ("--compile", "compile", False))
@@ -217,13 +224,92 @@ def _check_tpc(args: argparse.Namespace) -> Options:
                    tpc_images=_one(args.tpc_images, "--tpc-images", 1))
 
 
-def check_args(args: argparse.Namespace) -> Options:
-    """Validate every option; raise :class:`UsageError` naming the first bad one."""
+def _drop_ratios(args: argparse.Namespace) -> list[float]:
+    """``--drop-ratios``, each in [0, 1)."""
+    drops = _numbers(args.drop_ratios, "--drop-ratios", float)
+    for d in drops:
+        if not 0.0 <= d < 1.0:
+            raise UsageError(f"--drop-ratios: {d:g} is outside the allowed range [0, 1)")
+    return drops
+
+
+def _load_configs(args: argparse.Namespace, sites_on: bool = False) -> list[tuple[str, Any]]:
+    """Each ``--config`` with the ``--set`` overrides; its ``token_drop.blocks`` checked against the model's
+    depth when token drop is enabled (or ``sites_on``: the bench enables it)."""
     from ..models import build_model
     from ..train.config import ConfigError, load_config
 
+    configs = []
+    for name in args.config:
+        try:
+            cfg = load_config(name, list(args.set))
+        except ConfigError as e:
+            raise UsageError(f"--config {name}: {e}") from None
+        try:
+            depth = len(build_model(cfg.model.name, num_classes=BENCH_NUM_CLASSES).blocks)
+        except ValueError as e:
+            raise UsageError(f"--config {name}: model.name: {e}") from None
+        bad = [b for b in cfg.token_drop.blocks if b >= depth]
+        if (cfg.token_drop.enabled or sites_on) and bad:
+            raise UsageError(f"--config {name}: token_drop.blocks: index {bad[0]} is outside the allowed range "
+                             f"[0, {depth - 1}] of {cfg.model.name}")
+        configs.append((name, cfg))
+    if args.set and not args.config:
+        raise UsageError("--set: only applies to a --config")
+    return configs
+
+
+# Not read by --epochs-timed: it trains each config as it is (its step keys are changed with --set).
+_NOT_EPOCHS = tuple(g for g in _GRID_ONLY if g[1] not in ("config", "set", "drop_ratios", "epochs_timed")) + _STEP_FLAGS + (
+    ("--batch-sizes", "batch_sizes", ["32"]), ("--memory-steps", "memory_steps", "2"))
+
+
+def _check_epochs(args: argparse.Namespace) -> Options:
+    """The options of ``--epochs-timed``: the configs, each one's drop ratio, the timing options."""
+    from ..train.config import ConfigError
+    from .epochs import constant_drop_config, final_drop_ratio
+
+    epochs = _one(args.epochs_timed, "--epochs-timed", 1)
+    if not args.config:
+        raise UsageError("--epochs-timed: needs a --config (the run whose epochs are timed)")
+    for flag, name, default in _NOT_EPOCHS:
+        if getattr(args, name) != default:
+            raise UsageError(f"{flag}: not used with --epochs-timed (it trains each --config as it is; "
+                             "change the config with --set)")
+    given = None
+    if args.drop_ratios != list(DEFAULT_DROPS):
+        nonzero = sorted({d for d in _drop_ratios(args) if d > 0})
+        if len(nonzero) != 1:
+            raise UsageError(f"--drop-ratios: --epochs-timed takes one drop ratio besides d = 0, got {nonzero or 'none'}")
+        given = nonzero[0]
+    _, device = _batch_sizes_and_device(args)
+    configs = _load_configs(args, sites_on=True)
+    drops = []
+    for name, cfg in configs:
+        if given is None and not cfg.token_drop.enabled:
+            raise UsageError(f"--config {name}: token drop is off, so it has no drop ratio; give one with --drop-ratios D")
+        drop = final_drop_ratio(cfg) if given is None else given
+        if drop <= 0:
+            raise UsageError(f"--config {name}: its final drop ratio is 0; give one with --drop-ratios D")
+        try:
+            constant_drop_config(cfg, drop, epochs, device)
+        except ConfigError as e:
+            raise UsageError(f"--config {name}: {e}") from None
+        drops.append(drop)
+    data_batches = _one(args.data_batches, "--data-batches", 1)
+    return Options([], {}, drops, [], [], configs, device, _one(args.rounds, "--rounds", 1),
+                   _one(args.warmup, "--warmup", 0), 0, data_batches, _one(args.threads, "--threads", 0),
+                   _one(args.seed, "--seed", 0), set(), [], epochs_timed=epochs)
+
+
+def check_args(args: argparse.Namespace) -> Options:
+    """Validate every option; raise :class:`UsageError` naming the first bad one."""
+    from ..models import build_model
+
     if args.tpc is not None or args.tpc_set or args.tpc_images != "256":
         return _check_tpc(args)
+    if args.epochs_timed is not None:
+        return _check_epochs(args)
     models = list(args.model)
     depths = {}
     for name in models:
@@ -233,10 +319,7 @@ def check_args(args: argparse.Namespace) -> Options:
             raise UsageError(f"--model: unknown model {name!r} ({str(e).split('(', 1)[-1].rstrip(')')})") from None
         except (AttributeError, TypeError):
             raise UsageError(f"--model: {name!r} is not a ViT with a `blocks` sequence") from None
-    drops = _numbers(args.drop_ratios, "--drop-ratios", float)
-    for d in drops:
-        if not 0.0 <= d < 1.0:
-            raise UsageError(f"--drop-ratios: {d:g} is outside the allowed range [0, 1)")
+    drops = _drop_ratios(args)
     blocks = _numbers(args.blocks, "--blocks", int)
     if len(set(blocks)) != len(blocks):
         raise UsageError(f"--blocks: {blocks} names a block twice")
@@ -253,23 +336,7 @@ def check_args(args: argparse.Namespace) -> Options:
     unknown = skip - set(SKIPPABLE)
     if unknown:
         raise UsageError(f"--skip: {', '.join(sorted(unknown))} is not one of {', '.join(SKIPPABLE)}")
-    configs = []
-    for name in args.config:
-        try:
-            cfg = load_config(name, list(args.set))
-        except ConfigError as e:
-            raise UsageError(f"--config {name}: {e}") from None
-        try:
-            depth = len(build_model(cfg.model.name, num_classes=BENCH_NUM_CLASSES).blocks)
-        except ValueError as e:
-            raise UsageError(f"--config {name}: model.name: {e}") from None
-        bad = [b for b in cfg.token_drop.blocks if b >= depth]
-        if cfg.token_drop.enabled and bad:
-            raise UsageError(f"--config {name}: token_drop.blocks: index {bad[0]} is outside the allowed range "
-                             f"[0, {depth - 1}] of {cfg.model.name}")
-        configs.append((name, cfg))
-    if args.set and not args.config:
-        raise UsageError("--set: only applies to a --config")
+    configs = _load_configs(args)
     reducer, reducer_args = _check_reducer(args.reducer, args.reducer_args)
     tome_r = None
     if args.tome_r is not None:
@@ -306,6 +373,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
     if args.tpc is not None:
         return _tpc_command_line(args)
+    if args.epochs_timed is not None:
+        return _epochs_command_line(args)
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
     if args.tome_r is not None:
@@ -342,6 +411,23 @@ def _tpc_command_line(args: argparse.Namespace) -> str:
     parts = ["tokendrop", "bench", "--tpc", args.tpc, *[x for s in args.tpc_set for x in ("--tpc-set", s)],
              "--tpc-images", str(args.tpc_images), "--batch-sizes", *map(str, args.batch_sizes), "--device",
              args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup)]
+    if str(args.threads) != "0":
+        parts += ["--threads", str(args.threads)]
+    if str(args.seed) != "0":
+        parts += ["--seed", str(args.seed)]
+    if args.json:
+        parts += ["--json", args.json]
+    return shlex.join(parts)
+
+
+def _epochs_command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``tokendrop bench --epochs-timed`` command line of ``args``."""
+    parts = ["tokendrop", "bench", *[x for c in args.config for x in ("--config", c)],
+             *[x for s in args.set for x in ("--set", s)], "--epochs-timed", str(args.epochs_timed)]
+    if args.drop_ratios != list(DEFAULT_DROPS):
+        parts += ["--drop-ratios", *map(str, args.drop_ratios)]
+    parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+              "--data-batches", str(args.data_batches)]
     if str(args.threads) != "0":
         parts += ["--threads", str(args.threads)]
     if str(args.seed) != "0":
@@ -406,6 +492,8 @@ def measure(opts: Options, progress: bool = True) -> dict:
 
     if opts.tpc is not None:
         return measure_tpc(opts, progress)
+    if opts.epochs_timed:
+        return measure_epochs_report(opts, progress)
 
     device = opts.device
     n_drops = len({0.0, *opts.drops})
@@ -526,6 +614,48 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
               "settings": {"tpc": opts.tpc, "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                            "warmup": opts.warmup, "tpc_images": opts.tpc_images, "seed": opts.seed},
               "tpc": result, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
+
+
+EPOCHS_NOTES = [
+    "--epochs-timed: per config, the trainer trains it at d = 0 and at a constant drop ratio (its token_drop sites, "
+    "the schedule replaced by a constant) into a temporary folder: one untimed warm-up epoch, then the timed epochs, "
+    "the two runs' epochs alternating. Epoch rate: the trainer's train_imgs_per_sec (the training part; validation "
+    "is not timed and runs on one evaluation batch unless data.val_subset is set), median over the timed epochs; "
+    "epoch speed-up: median over rounds of rate(d) / rate(0).",
+    "Beside them: the data pipeline alone (its DataLoader, augmentations and workers), the config's training step "
+    "alone on a fixed batch at the config's batch size (interleaved rounds, median of paired ratios) and the MAC "
+    "ideal (analytic forward MACs at d = 0 / at d).",
+    "Verdict (tokendrop.bench.epochs.verdict, at the drop ratio): data-bound when the epochs reach at least "
+    "{DATA_BOUND_FRACTION:.0%} of the data rate while staying at most {STEP_HEADROOM:.0%} of the step's rate; else "
+    "arithmetic-bound when the step realises at least {ARITHMETIC_GAIN_FRACTION:.0%} of the ideal gain "
+    "(speed-up − 1) / (ideal − 1), launch/overhead-bound below it.",
+]
+
+
+def measure_epochs_report(opts: Options, progress: bool = True) -> dict:
+    """The ``--epochs-timed`` measurement of checked :class:`Options`, as a JSON-ready dict."""
+    from . import epochs
+    from .machine import machine_info
+
+    bar = _progress(len(opts.configs) * (opts.rounds + epochs.WARMUP_EPOCHS + opts.epochs_timed), progress)
+    results = []
+    try:
+        for (name, cfg), drop in zip(opts.configs, opts.drops):
+            bar.set_description(f"epochs {name}")
+            results.append(dataclasses.asdict(epochs.measure_epochs(
+                name, cfg, drop, opts.epochs_timed, opts.device, opts.rounds, opts.warmup, opts.data_batches,
+                opts.seed, on_round=lambda: bar.update(1))))
+    finally:
+        bar.close()
+    notes = [n.format(**vars(epochs)) for n in EPOCHS_NOTES]
+    report = {"tool": "tokendrop bench", "machine": machine_info(opts.device), "notes": notes,
+              "settings": {"configs": [n for n, _ in opts.configs], "epochs_timed": opts.epochs_timed,
+                           "warmup_epochs": epochs.WARMUP_EPOCHS, "drop_ratios": opts.drops, "rounds": opts.rounds,
+                           "warmup": opts.warmup, "data_batches": opts.data_batches, "seed": opts.seed},
+              "epochs": results, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
     if hasattr(os, "getloadavg"):
         report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     return report

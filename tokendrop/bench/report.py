@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_report", "format_tpc", "plot_report"]
+__all__ = ["format_epochs", "format_report", "format_tpc", "plot_report"]
 
 
 def _f(v: Any, fmt: str, width: int) -> str:
@@ -21,6 +21,8 @@ def format_report(report: dict) -> str:
              "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
     if "tpc" in report:
         return "\n".join([lines[0], "", *format_tpc(report["tpc"])])
+    if "epochs" in report:
+        return "\n".join([lines[0], *(x for e in report["epochs"] for x in ["", *format_epochs(e)])])
     if "train_step_description" in report["settings"]:
         lines.insert(2, f"training step: {report['settings']['train_step_description']}")
     head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
@@ -89,6 +91,23 @@ def format_tpc(t: dict) -> list[str]:
                      f"{s['packed_over_masked']:>15.3f}{s['ideal_speedup']:>7.3f}{s['padded_ideal_speedup']:>14.3f}")
     return lines
 
+
+
+def format_epochs(e: dict) -> list[str]:
+    """The stdout lines of one config's ``--epochs-timed`` result."""
+    d = e["data"]
+    lines = [f"epochs {e['config']} ({e['model']}, blocks {e['blocks']}, batch {e['batch_size']}, {e['train_images']} "
+             f"training images; {e['epochs_timed']} timed epoch(s) after {e['warmup_epochs']} untimed warm-up epoch):",
+             f"  training step: {e['train_step']}"]
+    head = f"  {'d':>6}{'kept':>6}{'epoch img/s':>13}{'epoch×':>8}{'step img/s':>12}{'step×':>8}{'ideal':>8}"
+    lines += [head, "  " + "-" * (len(head) - 2)]
+    for r in e["rows"]:
+        lines.append(f"  {r['drop_ratio']:>6.3f}{r['kept_tokens']:>6}{r['imgs_per_s']:>13.1f}{r['speedup']:>8.3f}"
+                     f"{r['step_imgs_per_s']:>12.1f}{r['step_speedup']:>8.3f}{r['ideal_speedup']:>8.3f}")
+    lines.append(f"  data pipeline alone: {d['images_per_s']:.0f} img/s with {d['workers']} workers ({d['source']})")
+    lines += [f"  note: {n}" for n in e["notes"]]
+    lines.append(f"  verdict {e['config']}: {e['verdict']['kind']} — {e['verdict']['reason']}")
+    return lines
 
 
 def plot_report(report: dict, path: Path) -> None:
