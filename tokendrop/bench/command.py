@@ -1,12 +1,13 @@
-"""``tokendrop bench``: measured against ideal speed-up of token drop, MACs, memory, overheads, projections.
+"""``tokendrop bench``: measured against ideal speed-up of token drop, MACs, memory, overheads, projections, epochs.
 
 The main CLI adds :func:`add_arguments` to its ``bench`` sub-parser and calls :func:`run`; this module
 also runs alone: ``python -m tokendrop.bench.command --model hybrid_vit_ptd --drop-ratios 0 0.35``.
 The measuring functions live beside it, one concern per module: :mod:`~tokendrop.bench.timing` (interleaved
 rounds), :mod:`~tokendrop.bench.probe` (the networks and steps timed), :mod:`~tokendrop.bench.drops` (the
 grid), :mod:`~tokendrop.bench.memory`, :mod:`~tokendrop.bench.overheads`, :mod:`~tokendrop.bench.projection`,
-:mod:`~tokendrop.bench.pipeline` (the data rate), :mod:`~tokendrop.bench.tpc` (``--tpc``) and
-:mod:`~tokendrop.bench.tome_table` (``--tome-r``); :mod:`~tokendrop.bench.report` prints and plots.
+:mod:`~tokendrop.bench.pipeline` (the data rate), :mod:`~tokendrop.bench.epochs` (``--epochs-timed``),
+:mod:`~tokendrop.bench.tpc` (``--tpc``) and :mod:`~tokendrop.bench.tome_table` (``--tome-r``);
+:mod:`~tokendrop.bench.report` prints and plots.
 """
 
 from __future__ import annotations
