@@ -4,6 +4,7 @@ against a hand computation, a tiny end-to-end run and argument errors. No timing
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from tokendrop import build_model
-from tokendrop.bench import speed as S
+from tokendrop.bench.probe import DropProbe, FixedBatchStep, StepSpec, build_train_step, config_model, input_batch
+from tokendrop.bench.projection import drop_points, epoch_drop_ratios, project_schedule, steps_per_epoch, train_set_size
+from tokendrop.bench.timing import PairedTiming, interleaved_rounds
 from tokendrop.bench.command import add_arguments, run
 from tokendrop.bench.flops import count_macs
 from tokendrop.train.trainer import token_drop_schedule
@@ -62,7 +65,7 @@ def tiny_macs(kept: int | None, block: int, num_classes: int = 100, in_chans: in
 @pytest.mark.parametrize("block,drop,kept", [(0, 0.0, 64), (1, 0.25, 48), (3, 0.5, 32), (0, 0.35, 41)])
 def test_macs_closed_form_and_counted(block, drop, kept):
     model = build_model("hybrid_vit_tiny", num_classes=100)
-    probe = S.DropProbe(model, [block])
+    probe = DropProbe(model, [block])
     probe.set(drop)
     assert probe.kept() == [kept]  # int(64 · (1 − d))
     assert probe.analytic_macs() == tiny_macs(kept, block)
@@ -72,7 +75,7 @@ def test_macs_closed_form_and_counted(block, drop, kept):
 
 
 def test_seed_000_ideal_speedup_matches_design():
-    probe = S.DropProbe(build_model("hybrid_vit_ptd", num_classes=100), [0])
+    probe = DropProbe(build_model("hybrid_vit_ptd", num_classes=100), [0])
     m0, m35 = probe.analytic_macs(0.0), probe.analytic_macs(0.35)
     assert probe.kept() == [166]
     assert m0 == pytest.approx(0.91e9, rel=0.01) and m35 == pytest.approx(0.61e9, rel=0.01)
@@ -81,7 +84,7 @@ def test_seed_000_ideal_speedup_matches_design():
 
 # ------------------------------------------------------------------------------------ paired timing
 def test_paired_timing_arithmetic():
-    t = S.PairedTiming("base", [1.0, 1.0, 2.0, 2.0], {"v": [0.5, 1.0, 1.0], "w": [1.1, 1.1 * math.sqrt(2), 2.2]})
+    t = PairedTiming("base", [1.0, 1.0, 2.0, 2.0], {"v": [0.5, 1.0, 1.0], "w": [1.1, 1.1 * math.sqrt(2), 2.2]})
     # references: geometric means of the bracketing baselines = 1, √2, 2
     assert t.speedup("v") == pytest.approx(2.0)  # ratios 2, √2, 2
     assert t.overhead("w") == pytest.approx(0.1)  # every round 10 % slower
@@ -94,14 +97,14 @@ def test_paired_timing_arithmetic():
 def test_interleaved_rounds_order():
     calls: list[str] = []
     fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
-    t = S.interleaved_rounds(fns, "a", rounds=3, warmup=1)
+    t = interleaved_rounds(fns, "a", rounds=3, warmup=1)
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     timed = calls[3:]
     assert len(timed) == 3 * 3 + 1 and timed[-1] == "a"
     assert [timed[i] for i in (0, 3, 6, 9)] == ["a"] * 4  # every round starts with the baseline
     assert len(t.baseline) == 4 and all(len(v) == 3 for v in t.variants.values())
     with pytest.raises(ValueError, match="baseline"):
-        S.interleaved_rounds(fns, "z", rounds=1)
+        interleaved_rounds(fns, "z", rounds=1)
 
 
 # ----------------------------------------------------------------------------------- projection
@@ -118,16 +121,16 @@ TINY_CONFIG = {
 def test_projection_against_hand_computation():
     cfg = config_from_dict(TINY_CONFIG)
     schedule = token_drop_schedule(cfg)
-    assert S.train_set_size(cfg) == 1347
-    steps = S.steps_per_epoch(1347, 100, drop_last=False)
-    assert steps == 14 and S.steps_per_epoch(1347, 100, drop_last=True) == 13
-    epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs)
+    assert train_set_size(cfg) == 1347
+    steps = steps_per_epoch(1347, 100, drop_last=False)
+    assert steps == 14 and steps_per_epoch(1347, 100, drop_last=True) == 13
+    epoch_drops = epoch_drop_ratios(schedule, cfg.optim.epochs)
     assert epoch_drops == [[0.0], [0.0], [0.25], [0.5]]  # d(t) for t = 0, 1, 2, 3
-    model, kwargs = S.config_model(cfg)
+    model, kwargs = config_model(cfg)
     assert kwargs["num_classes"] == 10 and kwargs["in_chans"] == 1
-    probe = S.DropProbe(model, cfg.token_drop.blocks)
+    probe = DropProbe(model, cfg.token_drop.blocks)
     step_s = {0.0: 1.0, 0.25: 0.8, 0.5: 0.6}
-    proj = S.project_schedule(probe, epoch_drops, step_s, steps, 100)
+    proj = project_schedule(probe, epoch_drops, step_s, steps, 100)
     # By hand: keeps 64, 64, 48, 32 patch tokens at block 0; one grey channel in, a 10-class head.
     macs = [tiny_macs(k, 0, 10, 1) for k in (64, 64, 48, 32)]
     assert proj.ideal_speedup == pytest.approx(4 * macs[0] / sum(macs), rel=1e-12)
@@ -136,19 +139,19 @@ def test_projection_against_hand_computation():
     assert proj.speedup == pytest.approx(4 / 3.4)
     assert [p["kept_tokens"] for p in proj.points] == [[64], [48], [32]]
     # Between measured points the step time is interpolated linearly in MACs.
-    half = S.project_schedule(probe, [[0.25]], {0.0: 1.0, 0.5: 0.6}, 1, 100)
+    half = project_schedule(probe, [[0.25]], {0.0: 1.0, 0.5: 0.6}, 1, 100)
     m0, m25, m50 = (tiny_macs(k, 0, 10, 1) for k in (64, 48, 32))
     assert half.predicted_s == pytest.approx(0.6 + 0.4 * (m25 - m50) / (m0 - m50))
     with pytest.raises(ValueError, match="d = 0"):
-        S.project_schedule(probe, epoch_drops, {0.5: 0.6}, steps, 100)
+        project_schedule(probe, epoch_drops, {0.5: 0.6}, steps, 100)
 
 
 def test_drop_points_and_per_step():
     from tokendrop import Curriculum
 
-    ed = S.epoch_drop_ratios(Curriculum(1, 3, final=0.5, gamma=1.0), 4, steps=2, per_step=True)
+    ed = epoch_drop_ratios(Curriculum(1, 3, final=0.5, gamma=1.0), 4, steps=2, per_step=True)
     assert ed == [[0.0, 0.0], [0.0, 0.125], [0.25, 0.375], [0.5, 0.5]]
-    assert S.drop_points(ed, extra=[0.1, 0.2, 0.6]) == [0.0, 0.1, 0.2, 0.5]
+    assert drop_points(ed, extra=[0.1, 0.2, 0.6]) == [0.0, 0.1, 0.2, 0.5]
 
 
 # -------------------------------------------------------------------------------------- command
@@ -216,6 +219,9 @@ def test_config_block_out_of_range(tmp_path, capsys):
     (["--device", "quantum"], "--device"),
     (["--config", "no_such_config_name"], "--config"),
     (["--rounds", "0"], "--rounds"),
+    (["--amp", "fp16"], "--amp"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--ema", "ema"], "--ema"),
 ])
 def test_bad_arguments(argv, flag, capsys):
     rc = run(parse(["--model", "hybrid_vit_tiny", "--no-progress", *argv] if argv[0] != "--model" else
@@ -275,3 +281,95 @@ def test_tome_table_rejects_negative_r(capsys):
     assert run(parse(["--model", "hybrid_vit_tiny", "--tome-r", "-1", "--no-progress"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tome-r" in err[0]
+
+
+# ------------------------------------------------------------------------------- the training step
+STEP_CONFIG = {
+    "seed": 3,
+    "model": {"name": "hybrid_vit_tiny", "drop_rate": 0.0, "drop_path_rate": 0.0},
+    "data": {"dataset": "synthetic", "workers": 0, "synthetic": {"classes": 10, "train_images": 32, "val_images": 8}},
+    "augment": {"randaugment_ops": 0},
+    "optim": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0, "clip_grad": 0.5, "label_smoothing": 0.1},
+    "ema": {"enabled": True, "decay": 0.99, "warmup": "torch_ema"},
+    "token_drop": {"enabled": True, "blocks": [1], "schedule": "constant", "keep_rate": 0.5},
+}
+
+
+def test_bench_step_is_the_trainers(tmp_path):
+    """Three steps of the bench's step and of the step the trainer built, from the same weights on the same
+    batch: identical parameters, EMA weights and loss sums."""
+    import copy
+
+    from tokendrop.train.trainer import Trainer
+
+    cfg = config_from_dict(STEP_CONFIG)
+    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer.setup()
+    device = torch.device("cpu")
+    ours = build_train_step(copy.deepcopy(trainer.model), StepSpec.from_config(cfg), device)
+    images, targets = input_batch(trainer.model, 8, device, seed=1)
+    theirs = trainer.train_step
+    assert [(g["role"], g["lr"], g["weight_decay"], g["fused"]) for g in ours.optimizer.param_groups] == \
+        [(g["role"], g["lr"], g["weight_decay"], g["fused"]) for g in theirs.optimizer.param_groups]
+    bench_step = FixedBatchStep(ours, images, targets)
+    for _ in range(3):
+        bench_step()
+        theirs.net.train()
+        theirs(images, targets)
+    assert ours.poll().loss_sum == theirs.poll().loss_sum
+    for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ours.ema.module.parameters(), theirs.ema.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _steps(spec: StepSpec, steps: int = 3) -> tuple[torch.nn.Module, object]:
+    torch.manual_seed(0)
+    model = build_model("hybrid_vit_tiny", num_classes=10)
+    step = build_train_step(model, spec, torch.device("cpu"))
+    fixed = FixedBatchStep(step, *input_batch(model, 4, torch.device("cpu")))
+    for _ in range(steps):
+        fixed()
+    return model, step
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+
+
+def test_step_options_change_what_runs():
+    model, step = _steps(StepSpec())
+    assert step.ema is None and step.amp == "auto"
+    free = _grad_norm(model)
+    clipped, _ = _steps(StepSpec(clip_grad=free / 10))
+    assert _grad_norm(clipped) == pytest.approx(free / 10, rel=1e-4)  # the last step's gradients, clipped
+    for rule in ("torch_ema", "none"):
+        model, step = _steps(StepSpec(ema=rule))
+        assert step.ema is not None
+        assert any(not torch.equal(a, b) for a, b in zip(step.ema.module.parameters(), model.parameters()))
+    _, fp32 = _steps(StepSpec(amp="off"), 1)
+    _, bf16 = _steps(StepSpec(amp="bf16"), 1)
+    assert fp32.poll().loss_sum != bf16.poll().loss_sum
+
+
+def test_memory_probe_builds_the_same_step():
+    from tokendrop.bench.memory import MemorySpec, _build_for_memory
+
+    spec = StepSpec(clip_grad=0.25, ema="torch_ema")
+    fixed = _build_for_memory(MemorySpec("hybrid_vit_tiny", {"num_classes": 10}, batch_size=2,
+                                         step=dataclasses.asdict(spec)), torch.device("cpu"))
+    assert fixed.step.max_norm == 0.25 and fixed.step.ema is not None and fixed.step.optimizer.defaults["fused"]
+
+
+def test_step_flags_in_report(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
+                    "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "counts", "inference",
+                    "--device", "cpu", "--clip-grad", "0.5", "--ema", "torch_ema", "--amp", "off", "--compile",
+                    "--json", str(out), "--no-progress"]))
+    assert rc == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["train_step"] | {"clip_grad": 0.5, "ema": "torch_ema", "amp": "off"} == settings["train_step"]
+    captured = capsys.readouterr()
+    assert "clip-grad 0.5, EMA torch_ema" in captured.out and "compile off" in captured.out
+    assert captured.err.count("notice: --compile") == 1

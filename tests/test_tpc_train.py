@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import tokendrop as td
 from tokendrop.bench.command import add_arguments, run as bench_run
-from tokendrop.bench.speed import PairedTiming
+from tokendrop.bench.timing import PairedTiming
 from tokendrop.bench.tpc import tpc_gmacs
 from tokendrop.cli import main
 from tokendrop.train import trainer as trainer_mod

@@ -30,7 +30,8 @@ import torch
 
 from .. import reduction as red
 from ..bench.flops import attached_macs
-from ..bench.speed import PairedTiming, Timing, machine_info, synchronize
+from ..bench.machine import machine_info, synchronize
+from ..bench.timing import PairedTiming, Timing
 from ..train.config import Config
 from . import figures
 from . import finetune as ft

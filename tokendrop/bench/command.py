@@ -1,9 +1,13 @@
-"""``tokendrop bench``: measured against ideal speed-up of token drop, MACs, memory, overheads, projections.
+"""``tokendrop bench``: measured against ideal speed-up of token drop, MACs, memory, overheads, projections, epochs.
 
 The main CLI adds :func:`add_arguments` to its ``bench`` sub-parser and calls :func:`run`; this module
 also runs alone: ``python -m tokendrop.bench.command --model hybrid_vit_ptd --drop-ratios 0 0.35``.
-The measuring functions live in :mod:`tokendrop.bench.speed`; ``--tpc`` (TPC-ViT's MACs and packed/masked
-speed) in :mod:`tokendrop.bench.tpc`.
+The measuring functions live beside it, one concern per module: :mod:`~tokendrop.bench.timing` (interleaved
+rounds), :mod:`~tokendrop.bench.probe` (the networks and steps timed), :mod:`~tokendrop.bench.drops` (the
+grid), :mod:`~tokendrop.bench.memory`, :mod:`~tokendrop.bench.overheads`, :mod:`~tokendrop.bench.projection`,
+:mod:`~tokendrop.bench.pipeline` (the data rate), :mod:`~tokendrop.bench.epochs` (``--epochs-timed``),
+:mod:`~tokendrop.bench.tpc` (``--tpc``) and :mod:`~tokendrop.bench.tome_table` (``--tome-r``);
+:mod:`~tokendrop.bench.report` prints and plots.
 """
 
 from __future__ import annotations
@@ -28,8 +32,11 @@ NOTES = [
     "order; a closing baseline ends the last round). speedup = median over rounds of reference / time, where "
     "reference is the geometric mean of the two baselines around the variant; *_median_s are raw medians; "
     "speedup_of_minima compares the fastest steps (load from other processes only adds time).",
-    "Training step = zero_grad, forward, cross-entropy, backward, AdamW step on a fixed random batch "
-    "(no data loading, AMP, clipping or EMA).",
+    "Training step = the trainer's (tokendrop.train.step.TrainStep, built as the trainer builds it): forward under "
+    "autocast (--amp), cross-entropy and the reducers' auxiliary losses, backward, foreach gradient-norm clipping "
+    "(--clip-grad; 0 measures the norm only), fused AdamW over the trainer's parameter groups, EMA update (--ema), "
+    "on a fixed random batch (no data loading). A --config's projection and --epochs-timed time the config's own "
+    "step (run.amp, optim.*, ema.*, run.compile; its cross-entropy without Mixup, no distillation teacher).",
     "Inference rows run the reducer at inference too (sites attached with when='always'): that is post-hoc "
     "pruning. PTD/CTD themselves evaluate with every token, so their inference cost is the d = 0 row.",
     "MACs are per image, forward: macs_counted by FlopCounterMode (with the CPU SDPA formula), macs_analytic in "
@@ -66,6 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="project the whole-run speed-up of a config's schedule (shipped name or YAML); repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of every --config, e.g. optim.epochs=100")
+    parser.add_argument("--epochs-timed", metavar="N",
+                        help="instead of the drop grid and projection: train each --config for N epochs (after one "
+                             "untimed warm-up epoch) at d = 0 and at a constant drop ratio (its token_drop final, or "
+                             "the one non-zero --drop-ratios value), and say what bounds them: the data pipeline, "
+                             "launch/overhead or arithmetic")
     parser.add_argument("--tpc", metavar="SOURCE",
                         help="measure TPC-ViT instead of the drop grid: a run's checkpoint (a TPC run: its config and "
                              "weights; a plain run: its weights with TPC attached) or a config (weights from "
@@ -76,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tpc-images", default="256", metavar="N",
                         help="validation images whose halting gives the MACs (default 256)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--amp", default="auto", metavar="MODE",
+                        help="autocast of the training step: auto (bf16 on CUDA, off elsewhere, as run.amp), bf16, off")
+    parser.add_argument("--clip-grad", default="0", metavar="G",
+                        help="global gradient-norm clipping of the training step (as optim.clip_grad); 0 = none (default)")
+    parser.add_argument("--ema", default="off", metavar="RULE",
+                        help="EMA update in the training step: off (default), torch_ema or none (the rules of ema.warmup)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (as run.compile: CUDA only; elsewhere a notice, and it runs eager)")
     parser.add_argument("--rounds", default="5", metavar="R", help="interleaved timing rounds (default 5)")
     parser.add_argument("--warmup", default="2", metavar="W", help="untimed steps per variant first (default 2)")
     parser.add_argument("--memory-steps", default="2", metavar="S",
@@ -117,7 +137,7 @@ def _one(value: Any, flag: str, lo: int) -> int:
 
 def _batch_sizes_and_device(args: argparse.Namespace) -> tuple[list[int], Any]:
     """``--batch-sizes`` (each >= 1) and the ``--device`` it names."""
-    from .speed import resolve_device
+    from .machine import resolve_device
 
     batch_sizes = _numbers(args.batch_sizes, "--batch-sizes", int)
     for n in batch_sizes:
@@ -155,13 +175,32 @@ class Options:
     tpc_config: Any = None
     tpc_state: dict | None = None
     tpc_images: int = 256
+    step: Any = None  # the StepSpec of the grid's training steps
+    epochs_timed: int = 0  # --epochs-timed: timed epochs per config (drops: each config's drop ratio)
 
 
 # With --tpc these keep their defaults: they describe the drop grid and the projections.
 _GRID_ONLY = (("--model", "model", ["hybrid_vit_ptd"]), ("--drop-ratios", "drop_ratios", list(DEFAULT_DROPS)),
               ("--blocks", "blocks", ["0"]), ("--reducer", "reducer", "topk"), ("--reducer-args", "reducer_args", "{}"),
               ("--config", "config", []), ("--set", "set", []), ("--memory-blocks", "memory_blocks", None),
-              ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None))
+              ("--skip", "skip", []), ("--plot", "plot", None), ("--tome-r", "tome_r", None),
+              ("--epochs-timed", "epochs_timed", None))
+# How the training step is built (the grid's; a config's step is its own).
+_STEP_FLAGS = (("--amp", "amp", "auto"), ("--clip-grad", "clip_grad", "0"), ("--ema", "ema", "off"),
+               ("--compile", "compile", False))
+
+
+def _check_step(args: argparse.Namespace) -> Any:
+    """The :class:`~tokendrop.bench.probe.StepSpec` of ``--amp``, ``--clip-grad``, ``--ema`` and ``--compile``."""
+    from .probe import AMP_MODES, EMA_RULES, StepSpec
+
+    for flag, value, allowed in (("--amp", args.amp, AMP_MODES), ("--ema", args.ema, EMA_RULES)):
+        if value not in allowed:
+            raise UsageError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
+    (clip,) = _numbers([args.clip_grad], "--clip-grad", float)
+    if clip < 0:
+        raise UsageError(f"--clip-grad: {clip:g} is outside the allowed range [0, inf)")
+    return StepSpec(amp=args.amp, clip_grad=clip, ema=args.ema, compile=args.compile)
 
 
 def _check_tpc(args: argparse.Namespace) -> Options:
@@ -172,7 +211,7 @@ def _check_tpc(args: argparse.Namespace) -> Options:
 
     if args.tpc is None:
         raise UsageError(f"{'--tpc-set' if args.tpc_set else '--tpc-images'}: only applies to --tpc")
-    for flag, name, default in _GRID_ONLY:
+    for flag, name, default in _GRID_ONLY + _STEP_FLAGS:
         if getattr(args, name) != default:
             raise UsageError(f"{flag}: not used with --tpc (it measures the model of its source)")
     try:
@@ -186,13 +225,92 @@ def _check_tpc(args: argparse.Namespace) -> Options:
                    tpc_images=_one(args.tpc_images, "--tpc-images", 1))
 
 
-def check_args(args: argparse.Namespace) -> Options:
-    """Validate every option; raise :class:`UsageError` naming the first bad one."""
+def _drop_ratios(args: argparse.Namespace) -> list[float]:
+    """``--drop-ratios``, each in [0, 1)."""
+    drops = _numbers(args.drop_ratios, "--drop-ratios", float)
+    for d in drops:
+        if not 0.0 <= d < 1.0:
+            raise UsageError(f"--drop-ratios: {d:g} is outside the allowed range [0, 1)")
+    return drops
+
+
+def _load_configs(args: argparse.Namespace, sites_on: bool = False) -> list[tuple[str, Any]]:
+    """Each ``--config`` with the ``--set`` overrides; its ``token_drop.blocks`` checked against the model's
+    depth when token drop is enabled (or ``sites_on``: the bench enables it)."""
     from ..models import build_model
     from ..train.config import ConfigError, load_config
 
+    configs = []
+    for name in args.config:
+        try:
+            cfg = load_config(name, list(args.set))
+        except ConfigError as e:
+            raise UsageError(f"--config {name}: {e}") from None
+        try:
+            depth = len(build_model(cfg.model.name, num_classes=BENCH_NUM_CLASSES).blocks)
+        except ValueError as e:
+            raise UsageError(f"--config {name}: model.name: {e}") from None
+        bad = [b for b in cfg.token_drop.blocks if b >= depth]
+        if (cfg.token_drop.enabled or sites_on) and bad:
+            raise UsageError(f"--config {name}: token_drop.blocks: index {bad[0]} is outside the allowed range "
+                             f"[0, {depth - 1}] of {cfg.model.name}")
+        configs.append((name, cfg))
+    if args.set and not args.config:
+        raise UsageError("--set: only applies to a --config")
+    return configs
+
+
+# Not read by --epochs-timed: it trains each config as it is (its step keys are changed with --set).
+_NOT_EPOCHS = tuple(g for g in _GRID_ONLY if g[1] not in ("config", "set", "drop_ratios", "epochs_timed")) + _STEP_FLAGS + (
+    ("--batch-sizes", "batch_sizes", ["32"]), ("--memory-steps", "memory_steps", "2"))
+
+
+def _check_epochs(args: argparse.Namespace) -> Options:
+    """The options of ``--epochs-timed``: the configs, each one's drop ratio, the timing options."""
+    from ..train.config import ConfigError
+    from .epochs import constant_drop_config, final_drop_ratio
+
+    epochs = _one(args.epochs_timed, "--epochs-timed", 1)
+    if not args.config:
+        raise UsageError("--epochs-timed: needs a --config (the run whose epochs are timed)")
+    for flag, name, default in _NOT_EPOCHS:
+        if getattr(args, name) != default:
+            raise UsageError(f"{flag}: not used with --epochs-timed (it trains each --config as it is; "
+                             "change the config with --set)")
+    given = None
+    if args.drop_ratios != list(DEFAULT_DROPS):
+        nonzero = sorted({d for d in _drop_ratios(args) if d > 0})
+        if len(nonzero) != 1:
+            raise UsageError(f"--drop-ratios: --epochs-timed takes one drop ratio besides d = 0, got {nonzero or 'none'}")
+        given = nonzero[0]
+    _, device = _batch_sizes_and_device(args)
+    configs = _load_configs(args, sites_on=True)
+    drops = []
+    for name, cfg in configs:
+        if given is None and not cfg.token_drop.enabled:
+            raise UsageError(f"--config {name}: token drop is off, so it has no drop ratio; give one with --drop-ratios D")
+        drop = final_drop_ratio(cfg) if given is None else given
+        if drop <= 0:
+            raise UsageError(f"--config {name}: its final drop ratio is 0; give one with --drop-ratios D")
+        try:
+            constant_drop_config(cfg, drop, epochs, device)
+        except ConfigError as e:
+            raise UsageError(f"--config {name}: {e}") from None
+        drops.append(drop)
+    data_batches = _one(args.data_batches, "--data-batches", 1)
+    return Options([], {}, drops, [], [], configs, device, _one(args.rounds, "--rounds", 1),
+                   _one(args.warmup, "--warmup", 0), 0, data_batches, _one(args.threads, "--threads", 0),
+                   _one(args.seed, "--seed", 0), set(), [], epochs_timed=epochs)
+
+
+def check_args(args: argparse.Namespace) -> Options:
+    """Validate every option; raise :class:`UsageError` naming the first bad one."""
+    from ..models import build_model
+
     if args.tpc is not None or args.tpc_set or args.tpc_images != "256":
         return _check_tpc(args)
+    if args.epochs_timed is not None:
+        return _check_epochs(args)
     models = list(args.model)
     depths = {}
     for name in models:
@@ -202,10 +320,7 @@ def check_args(args: argparse.Namespace) -> Options:
             raise UsageError(f"--model: unknown model {name!r} ({str(e).split('(', 1)[-1].rstrip(')')})") from None
         except (AttributeError, TypeError):
             raise UsageError(f"--model: {name!r} is not a ViT with a `blocks` sequence") from None
-    drops = _numbers(args.drop_ratios, "--drop-ratios", float)
-    for d in drops:
-        if not 0.0 <= d < 1.0:
-            raise UsageError(f"--drop-ratios: {d:g} is outside the allowed range [0, 1)")
+    drops = _drop_ratios(args)
     blocks = _numbers(args.blocks, "--blocks", int)
     if len(set(blocks)) != len(blocks):
         raise UsageError(f"--blocks: {blocks} names a block twice")
@@ -222,23 +337,7 @@ def check_args(args: argparse.Namespace) -> Options:
     unknown = skip - set(SKIPPABLE)
     if unknown:
         raise UsageError(f"--skip: {', '.join(sorted(unknown))} is not one of {', '.join(SKIPPABLE)}")
-    configs = []
-    for name in args.config:
-        try:
-            cfg = load_config(name, list(args.set))
-        except ConfigError as e:
-            raise UsageError(f"--config {name}: {e}") from None
-        try:
-            depth = len(build_model(cfg.model.name, num_classes=BENCH_NUM_CLASSES).blocks)
-        except ValueError as e:
-            raise UsageError(f"--config {name}: model.name: {e}") from None
-        bad = [b for b in cfg.token_drop.blocks if b >= depth]
-        if cfg.token_drop.enabled and bad:
-            raise UsageError(f"--config {name}: token_drop.blocks: index {bad[0]} is outside the allowed range "
-                             f"[0, {depth - 1}] of {cfg.model.name}")
-        configs.append((name, cfg))
-    if args.set and not args.config:
-        raise UsageError("--set: only applies to a --config")
+    configs = _load_configs(args)
     reducer, reducer_args = _check_reducer(args.reducer, args.reducer_args)
     tome_r = None
     if args.tome_r is not None:
@@ -249,7 +348,7 @@ def check_args(args: argparse.Namespace) -> Options:
                    _one(args.rounds, "--rounds", 1), _one(args.warmup, "--warmup", 0),
                    _one(args.memory_steps, "--memory-steps", 0), _one(args.data_batches, "--data-batches", 0),
                    _one(args.threads, "--threads", 0), _one(args.seed, "--seed", 0), skip, memory_blocks,
-                   reducer, reducer_args, tome_r)
+                   reducer, reducer_args, tome_r, step=_check_step(args))
 
 
 def _check_reducer(name: str, raw: str) -> tuple[str, dict]:
@@ -275,6 +374,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The equivalent ``tokendrop bench`` command line of ``args``."""
     if args.tpc is not None:
         return _tpc_command_line(args)
+    if args.epochs_timed is not None:
+        return _epochs_command_line(args)
     parts = ["tokendrop", "bench", "--model", *args.model, "--drop-ratios", *map(str, args.drop_ratios),
              "--blocks", *map(str, args.blocks), "--batch-sizes", *map(str, args.batch_sizes)]
     if args.tome_r is not None:
@@ -286,7 +387,10 @@ def command_line(args: argparse.Namespace) -> str:
     for s in args.set:
         parts += ["--set", s]
     parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
-              "--memory-steps", str(args.memory_steps)]
+              "--memory-steps", str(args.memory_steps), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
+              "--ema", args.ema]
+    if args.compile:
+        parts += ["--compile"]
     if args.memory_blocks is not None:
         parts += ["--memory-blocks", *map(str, args.memory_blocks)]
     parts += ["--data-batches", str(args.data_batches)]
@@ -317,6 +421,23 @@ def _tpc_command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def _epochs_command_line(args: argparse.Namespace) -> str:
+    """The equivalent ``tokendrop bench --epochs-timed`` command line of ``args``."""
+    parts = ["tokendrop", "bench", *[x for c in args.config for x in ("--config", c)],
+             *[x for s in args.set for x in ("--set", s)], "--epochs-timed", str(args.epochs_timed)]
+    if args.drop_ratios != list(DEFAULT_DROPS):
+        parts += ["--drop-ratios", *map(str, args.drop_ratios)]
+    parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+              "--data-batches", str(args.data_batches)]
+    if str(args.threads) != "0":
+        parts += ["--threads", str(args.threads)]
+    if str(args.seed) != "0":
+        parts += ["--seed", str(args.seed)]
+    if args.json:
+        parts += ["--json", args.json]
+    return shlex.join(parts)
+
+
 # --------------------------------------------------------------------------------------------- run
 def _progress(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
@@ -334,8 +455,13 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     import torch
 
+    from .report import format_report, plot_report
+
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.step is not None and opts.step.compile and opts.device.type != "cuda":
+        print(f"notice: --compile applies on CUDA only (as run.compile); the step runs eager on {opts.device}",
+              file=sys.stderr)
     report = measure(opts, progress=not args.no_progress)
     report["command"] = command_line(args)
     print(format_report(report))
@@ -359,10 +485,16 @@ def measure(opts: Options, progress: bool = True) -> dict:
     import torch
 
     from ..models import build_model
-    from . import speed as S
+    from .drops import measure_drops
+    from .machine import machine_info
+    from .memory import MemorySpec, peak_train_memory
+    from .overheads import measure_overheads
+    from .probe import DropProbe
 
     if opts.tpc is not None:
         return measure_tpc(opts, progress)
+    if opts.epochs_timed:
+        return measure_epochs_report(opts, progress)
 
     device = opts.device
     n_drops = len({0.0, *opts.drops})
@@ -381,13 +513,15 @@ def measure(opts: Options, progress: bool = True) -> dict:
     bar = _progress(total, progress)
     tick = lambda: bar.update(1)  # noqa: E731
 
-    report: dict[str, Any] = {"tool": "tokendrop bench", "machine": S.machine_info(device), "notes": NOTES,
+    report: dict[str, Any] = {"tool": "tokendrop bench", "machine": machine_info(device), "notes": NOTES,
                               "settings": {"models": opts.models, "drop_ratios": opts.drops, "blocks": opts.blocks,
                                            "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                                            "warmup": opts.warmup, "memory_steps": opts.memory_steps,
                                            "memory_blocks": opts.memory_blocks, "reducer": opts.reducer,
                                            "reducer_args": opts.reducer_args,
-                                           "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed},
+                                           "num_classes": BENCH_NUM_CLASSES, "seed": opts.seed,
+                                           "train_step": dataclasses.asdict(opts.step),
+                                           "train_step_description": opts.step.describe(device)},
                               "rows": [], "overheads": [], "projections": [], "data_pipeline": [], "tome": []}
     kwargs = {"num_classes": BENCH_NUM_CLASSES}
     try:
@@ -396,19 +530,19 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 for block in opts.blocks:
                     bar.set_description(f"{name} b{block} bs{batch}")
                     torch.manual_seed(opts.seed)
-                    probe = S.DropProbe(build_model(name, **kwargs), [block], reducer=opts.reducer,
+                    probe = DropProbe(build_model(name, **kwargs), [block], reducer=opts.reducer,
                                         reducer_args=opts.reducer_args)
-                    rows = S.measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
+                    rows = measure_drops(name, probe, opts.drops, batch, device, opts.rounds, opts.warmup,
                                            infer="inference" not in opts.skip, count="counts" not in opts.skip,
-                                           seed=opts.seed, on_round=tick)
+                                           seed=opts.seed, on_round=tick, step=opts.step)
                     del probe
                     if memory_on and block in opts.memory_blocks:
                         bar.set_description(f"{name} b{block} bs{batch} memory")
                         for r in rows:
-                            spec = S.MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
+                            spec = MemorySpec(name, kwargs, [block], r.drop_ratio, batch, opts.memory_steps,
                                                 torch.get_num_threads(), str(device), opts.seed, opts.reducer,
-                                                opts.reducer_args)
-                            mem = S.peak_train_memory(spec)
+                                                opts.reducer_args, dataclasses.asdict(opts.step))
+                            mem = peak_train_memory(spec)
                             if mem is not None:
                                 r.peak_memory_mb = mem.peak_bytes / 2**20
                                 r.memory_method = mem.method
@@ -422,8 +556,8 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 for batch in opts.batch_sizes:
                     bar.set_description(f"{name} bs{batch} overheads")
                     torch.manual_seed(opts.seed)
-                    o = S.measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
-                                            opts.rounds, opts.warmup, opts.seed, on_round=tick)
+                    o = measure_overheads(name, build_model(name, **kwargs), opts.blocks[0], batch, device,
+                                            opts.rounds, opts.warmup, opts.seed, on_round=tick, step=opts.step)
                     report["overheads"].append(dataclasses.asdict(o))
         for name in opts.models if opts.tome_r is not None else ():
             from .tome_table import measure_tome
@@ -462,8 +596,8 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     """The ``--tpc`` measurement of checked :class:`Options`, as a JSON-ready dict."""
     import torch
 
-    from . import speed as S
     from ..train.trainer import build_eval_model
+    from .machine import machine_info
     from .tpc import tpc_report, validation_images
 
     cfg = opts.tpc_config
@@ -477,7 +611,7 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     finally:
         bar.close()
     result.update(source=opts.tpc, model=cfg.model.name, mode_trained=cfg.tpc.mode, dataset=info.name)
-    report = {"tool": "tokendrop bench", "machine": S.machine_info(opts.device), "notes": TPC_NOTES,
+    report = {"tool": "tokendrop bench", "machine": machine_info(opts.device), "notes": TPC_NOTES,
               "settings": {"tpc": opts.tpc, "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                            "warmup": opts.warmup, "tpc_images": opts.tpc_images, "seed": opts.seed},
               "tpc": result, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
@@ -486,53 +620,75 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
     return report
 
 
-def format_tpc(t: dict) -> list[str]:
-    """The stdout lines of a ``--tpc`` result."""
-    g, p = t["gmacs"], t["params"]
-    lines = [f"TPC-ViT {t['source']} ({t['model']}, {t['blocks']} blocks, {t['tokens']} tokens, κ {p['kappa']}, "
-             f"gate σ({p['gamma']:g}·y − {p['beta']:g}); {t['images']} validation images of {t['dataset']}):",
-             "  tokens per block (mean): " + " ".join(f"{n:.1f}" for n in t["mean_tokens"])
-             + f"; mean halting depth {t['mean_depth']:.2f}",
-             f"  GMACs per image: dense {g['dense']:.4f}, masked {g['masked']:.4f}, packed {g['packed']:.4f} (backbone "
-             f"{g['backbone']:.4f} + stabiliser {g['stabiliser']:.4f} + gates {g['gates']:.6f}); ideal speed-up packed "
-             f"{g['ideal_speedup_packed']:.3f}×, masked {g['ideal_speedup_masked']:.3f}×",
-             f"  packed − masked logits: max |Δ| {t['packed_vs_masked_max_abs_logit_diff']:.2e}", ""]
-    head = (f"{'bs':>5}{'dense ms':>10}{'masked ms':>11}{'packed ms':>11}{'packed×':>9}{'masked×':>9}"
-            f"{'packed/masked':>15}{'ideal':>7}{'padded ideal':>14}")
-    lines += [head, "-" * len(head)]
-    for s in t["speed"]:
-        lines.append(f"{s['batch_size']:>5}{1e3 * s['dense']['median_s']:>10.2f}{1e3 * s['masked']['median_s']:>11.2f}"
-                     f"{1e3 * s['packed']['median_s']:>11.2f}{s['packed']['speedup']:>9.3f}{s['masked']['speedup']:>9.3f}"
-                     f"{s['packed_over_masked']:>15.3f}{s['ideal_speedup']:>7.3f}{s['padded_ideal_speedup']:>14.3f}")
-    return lines
+EPOCHS_NOTES = [
+    "--epochs-timed: per config, the trainer trains it at d = 0 and at a constant drop ratio (its token_drop sites, "
+    "the schedule replaced by a constant) into a temporary folder: one untimed warm-up epoch, then the timed epochs, "
+    "the two runs' epochs alternating. Epoch rate: the trainer's train_imgs_per_sec (the training part; validation "
+    "is not timed and runs on one evaluation batch unless data.val_subset is set), median over the timed epochs; "
+    "epoch speed-up: median over rounds of rate(d) / rate(0).",
+    "Beside them: the data pipeline alone (its DataLoader, augmentations and workers), the config's training step "
+    "alone on a fixed batch at the config's batch size (interleaved rounds, median of paired ratios) and the MAC "
+    "ideal (analytic forward MACs at d = 0 / at d).",
+    "Verdict (tokendrop.bench.epochs.verdict, at the drop ratio): data-bound when the epochs reach at least "
+    "{DATA_BOUND_FRACTION:.0%} of the data rate while staying at most {STEP_HEADROOM:.0%} of the step's rate; else "
+    "arithmetic-bound when the step realises at least {ARITHMETIC_GAIN_FRACTION:.0%} of the ideal gain "
+    "(speed-up − 1) / (ideal − 1), launch/overhead-bound below it.",
+]
+
+
+def measure_epochs_report(opts: Options, progress: bool = True) -> dict:
+    """The ``--epochs-timed`` measurement of checked :class:`Options`, as a JSON-ready dict."""
+    from . import epochs
+    from .machine import machine_info
+
+    bar = _progress(len(opts.configs) * (opts.rounds + epochs.WARMUP_EPOCHS + opts.epochs_timed), progress)
+    results = []
+    try:
+        for (name, cfg), drop in zip(opts.configs, opts.drops):
+            bar.set_description(f"epochs {name}")
+            results.append(dataclasses.asdict(epochs.measure_epochs(
+                name, cfg, drop, opts.epochs_timed, opts.device, opts.rounds, opts.warmup, opts.data_batches,
+                opts.seed, on_round=lambda: bar.update(1))))
+    finally:
+        bar.close()
+    notes = [n.format(**vars(epochs)) for n in EPOCHS_NOTES]
+    report = {"tool": "tokendrop bench", "machine": machine_info(opts.device), "notes": notes,
+              "settings": {"configs": [n for n, _ in opts.configs], "epochs_timed": opts.epochs_timed,
+                           "warmup_epochs": epochs.WARMUP_EPOCHS, "drop_ratios": opts.drops, "rounds": opts.rounds,
+                           "warmup": opts.warmup, "data_batches": opts.data_batches, "seed": opts.seed},
+              "epochs": results, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
 
 
 def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict, dict | None]:
     """Projected whole-run speed-up of ``cfg``'s schedule, and its data pipeline's rate beside the model's."""
     import torch
 
-    from . import speed as S
     from ..train.trainer import token_drop_schedule
+    from .drops import measure_drops
+    from .pipeline import data_throughput
+    from .probe import StepSpec, config_probe
+    from .projection import drop_points, epoch_drop_ratios, project_schedule, seconds_at, steps_per_epoch, train_set_size
 
     td = cfg.token_drop
     bs = cfg.optim.batch_size
-    n_train = S.train_set_size(cfg)
+    n_train = train_set_size(cfg)
     drop_last = cfg.augment.mixup_alpha > 0 or cfg.augment.cutmix_alpha > 0  # as the trainer
-    steps = S.steps_per_epoch(n_train, bs, drop_last)
+    steps = steps_per_epoch(n_train, bs, drop_last)
     torch.manual_seed(opts.seed)
-    model, model_kwargs = S.config_model(cfg)
-    blocks = list(td.blocks) if td.enabled else [0]
+    probe, model_kwargs = config_probe(cfg)
     if td.enabled:
         schedule = token_drop_schedule(cfg)
-        epoch_drops = S.epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
+        epoch_drops = epoch_drop_ratios(schedule, cfg.optim.epochs, steps, td.per_step)
     else:
         schedule, epoch_drops = None, [[0.0]] * cfg.optim.epochs
-    probe = S.DropProbe(model, blocks, score=td.score, relative_to=td.relative_to, reducer=td.reducer,
-                        reducer_args=td.reducer_args)
     measured_bs = min(bs, max(opts.batch_sizes))
-    rows = S.measure_drops(cfg.model.name, probe, S.drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
-                           opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick)
-    proj = S.project_schedule(probe, epoch_drops, S.seconds_at(rows, bs), steps, bs)
+    step = StepSpec.from_config(cfg)
+    rows = measure_drops(cfg.model.name, probe, drop_points(epoch_drops, opts.drops), measured_bs, opts.device,
+                         opts.rounds, opts.warmup, infer=False, count=False, seed=opts.seed, on_round=tick, step=step)
+    proj = project_schedule(probe, epoch_drops, seconds_at(rows, bs), steps, bs)
     proj.config, proj.model, proj.blocks = cname, cfg.model.name, probe.blocks
     proj.schedule = repr(schedule) if schedule is not None else "token drop disabled"
     proj.measured_batch_size = measured_bs
@@ -541,13 +697,14 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
                       f"epochs counted from 0; drop ratio {'moved every step' if td.per_step else 'set once per epoch'}")
     if measured_bs != bs:
         proj.notes.append(f"step times measured at batch {measured_bs} and scaled linearly to batch {bs}")
+    proj.notes.append(f"the config's training step: {step.describe(opts.device)}")
     out = dataclasses.asdict(proj)
     out["model_kwargs"] = model_kwargs
     out["predicted_hours"] = proj.predicted_s / 3600
     out["no_drop_hours"] = proj.no_drop_s / 3600
     pipe = None
     if opts.data_batches and "data" not in opts.skip:
-        p = S.data_throughput(cfg, opts.data_batches)
+        p = data_throughput(cfg, opts.data_batches)
         model_rates = [bs / t for t in proj.epoch_step_s]
         slowest, fastest = min(model_rates), max(model_rates)
         pipe = dataclasses.asdict(p) | {
@@ -557,107 +714,6 @@ def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict
         }
     tick()
     return out, pipe
-
-
-# ------------------------------------------------------------------------------------------- output
-def _f(v: Any, fmt: str, width: int) -> str:
-    return f"{'-':>{width}}" if v is None else f"{v:>{width}{fmt}}"
-
-
-def format_report(report: dict) -> str:
-    """The stdout table of a report."""
-    m = report["machine"]
-    lines = [f"tokendrop bench — {m['device']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch_version']}, "
-             f"{m['date']}",
-             "speed-ups: median of paired ratios against d = 0 (interleaved rounds); min×: ratio of the fastest steps; "
-             "MACs per image, forward; inference rows run the reducer (PTD itself evaluates with all tokens)", ""]
-    if "tpc" in report:
-        return "\n".join([lines[0], "", *format_tpc(report["tpc"])])
-    head = (f"{'model':<16}{'blk':>4}{'bs':>5}{'d':>6}{'kept':>6}{'train ms':>10}{'img/s':>8}{'ideal':>7}{'train×':>8}"
-            f"{'eff':>6}{'min×':>7}{'infer ms':>10}{'infer×':>8}{'eff':>6}{'GMAC cnt':>10}{'GMAC ana':>10}{'diff%':>7}"
-            f"{'mem MB':>9}{'mem/0':>7}")
-    lines += [head, "-" * len(head)]
-    for r in report["rows"]:
-        tr, inf = r["train"] or {}, r["infer"] or {}
-        lines.append(
-            f"{r['model']:<16}{','.join(map(str, r['blocks'])):>4}{r['batch_size']:>5}{r['drop_ratio']:>6.2f}"
-            f"{','.join(map(str, r['kept_tokens'])):>6}"
-            f"{_f(tr.get('median_s') and 1e3 * tr['median_s'], '.1f', 10)}{_f(tr.get('images_per_s'), '.1f', 8)}"
-            f"{r['ideal_speedup']:>7.3f}{_f(tr.get('speedup'), '.3f', 8)}{_f(r['train_efficiency'], '.2f', 6)}"
-            f"{_f(tr.get('speedup_of_minima'), '.3f', 7)}"
-            f"{_f(inf.get('median_s') and 1e3 * inf['median_s'], '.1f', 10)}{_f(inf.get('speedup'), '.3f', 8)}"
-            f"{_f(r['infer_efficiency'], '.2f', 6)}"
-            f"{_f(r['macs_counted'] and r['macs_counted'] / 1e9, '.4f', 10)}{r['macs_analytic'] / 1e9:>10.4f}"
-            f"{_f(r['macs_agreement_pct'], '.2f', 7)}{_f(r['peak_memory_mb'], '.0f', 9)}{_f(r['memory_vs_no_drop'], '.2f', 7)}")
-    if report["overheads"]:
-        lines += ["", "overheads (training step, median paired ratio):"]
-        for o in report["overheads"]:
-            lines.append(f"  {o['model']} bs {o['batch_size']}: saliency at d = 0 (block {o['block']}) "
-                         f"{o['saliency_overhead_pct']:+.2f} % of the step; explicit softmax(QKᵀ) attention step / ours "
-                         f"= {o['explicit_over_ours']:.3f} ({1e3 * o['explicit_step_median_s']:.1f} vs "
-                         f"{1e3 * o['step_median_s']:.1f} ms)")
-    for p in report["projections"]:
-        lines += ["", f"projection {p['config']} ({p['model']}, blocks {p['blocks']}, {p['schedule']}, "
-                      f"{p['epochs']} epochs × {p['steps_per_epoch']} steps at batch {p['batch_size']}):"]
-        for pt in p["points"]:
-            lines.append(f"  d = {pt['drop_ratio']:.3f}: kept {pt['kept_tokens']}, {pt['macs_per_image'] / 1e9:.4f} GMAC, "
-                         f"{pt['step_s']:.3f} s/step")
-        lines.append(f"  predicted {p['predicted_hours']:.2f} h against {p['no_drop_hours']:.2f} h without drop: "
-                     f"{p['speedup']:.3f}× (ideal {p['ideal_speedup']:.3f}×)")
-        for n in p["notes"]:
-            lines.append(f"  note: {n}")
-    if report.get("tome"):
-        from .tome_table import ToMeRow, format_table
-        from .speed import Timing
-
-        lines += ["", "ToMe: r tokens merged in every block, inference, speed-up against r = 0 (median of paired ratios):",
-                  format_table([ToMeRow(**(r | {"timing": Timing(**r["timing"])})) for r in report["tome"]])]
-    for d in report["data_pipeline"]:
-        lines += ["", f"data pipeline {d['config']}: {d['images_per_s']:.0f} images/s with {d['workers']} workers "
-                      f"({d['source']}); model {d['model_images_per_s_min']:.0f}–{d['model_images_per_s_max']:.0f} images/s "
-                      f"over the schedule → bound by the {d['bound_by']}"]
-    return "\n".join(lines)
-
-
-def plot_report(report: dict, path: Path) -> None:
-    """Measured (training, inference; bars: quartiles of the paired ratios) and ideal speed-up against drop
-    ratio, one panel per model and batch size, one colour per block; written with matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels: dict[tuple[str, int], list[dict]] = {}
-    for r in report["rows"]:
-        panels.setdefault((r["model"], r["batch_size"]), []).append(r)
-    n = max(1, len(panels))
-    fig = Figure(figsize=(5.2 * n, 4.2), constrained_layout=True)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    for ax, ((model, bs), rows) in zip(axes, panels.items()):
-        by_block: dict[str, list[dict]] = {}
-        for r in rows:
-            by_block.setdefault(",".join(map(str, r["blocks"])), []).append(r)
-        for i, (blk, rs) in enumerate(by_block.items()):
-            rs = sorted(rs, key=lambda r: r["drop_ratio"])
-            c = colours[i % len(colours)]
-            d = [r["drop_ratio"] for r in rs]
-            ax.plot(d, [r["ideal_speedup"] for r in rs], "--", color=c, alpha=0.7, label=f"block {blk} ideal (MACs)")
-            for mode, style, label in (("train", "o-", "training step"), ("infer", "x:", "inference (reduced)")):
-                if all(r[mode] for r in rs):
-                    y = [r[mode]["speedup"] for r in rs]
-                    err = [[v - r[mode]["speedup_q25"] for v, r in zip(y, rs)],
-                           [r[mode]["speedup_q75"] - v for v, r in zip(y, rs)]]
-                    ax.errorbar(d, y, yerr=err, fmt=style, color=c, capsize=2, lw=1.2, label=f"block {blk} {label}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("drop ratio d")
-        ax.set_ylabel("speed-up over d = 0")
-        ax.set_title(f"{model}, batch {bs}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    m = report["machine"]
-    fig.suptitle(f"{m['device']} ({m['cpu']}, {m['torch_threads']} threads), torch {m['torch_version']}, {m['date']}",
-                 fontsize=8)
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .flops import attached_macs
-from .speed import InferStep, Timing, input_batch, input_shape, interleaved_rounds
+from .probe import InferStep, input_batch, input_shape
+from .timing import Timing, interleaved_rounds
 
 
 @dataclass

@@ -5,7 +5,7 @@
   distance ranking and the gates), against the dense model (TPC detached) and ``masked`` TPC, which
   computes every token.
 * **Speed**: inference of the dense model, ``masked`` and ``packed`` TPC on the same batch of validation
-  images, timed in interleaved rounds (:func:`~tokendrop.bench.speed.interleaved_rounds`, dense the
+  images, timed in interleaved rounds (:func:`~tokendrop.bench.timing.interleaved_rounds`, dense the
   baseline); speed-ups are medians of paired ratios. ``packed`` pads each block to the batch's longest
   image, so beside the ideal speed-up of the per-image counts stands the ideal of the padded counts.
 
@@ -27,7 +27,8 @@ from torch import nn
 from ..reduction import detach
 from ..tpc import controller, last_stats, tpc_macs
 from .flops import analytic_macs
-from .speed import InferStep, Timing, input_shape, interleaved_rounds
+from .probe import InferStep, input_shape
+from .timing import Timing, interleaved_rounds
 
 __all__ = ["TPCModels", "TPCSpeed", "layer_counts", "measure_tpc_speed", "tpc_gmacs", "tpc_report", "tpc_source",
            "tpc_variants", "validation_images"]
