@@ -57,7 +57,7 @@ class DataConfig:
     train_subset: int = _f(0, lo=0, doc="train on this many images (a fixed random subset); 0 = all")
     val_subset: int = _f(0, lo=0, doc="validate on this many images; 0 = all")
     workers: int = _f(2, lo=0, doc="DataLoader worker processes")
-    pipeline: str = _f("auto", choices=("auto", "cpu", "gpu"), doc="where training batches are made: cpu = DataLoader workers; gpu = the uint8 set resident on the run's device, augmented there (crop, flip, erasing; not RandAugment/AutoAugment/RandomResizedCrop/resizing/DDP); auto = gpu on CUDA when supported and the set fits in memory")
+    pipeline: str = _f("auto", choices=("auto", "cpu", "gpu"), doc="where training batches are made: cpu = DataLoader workers; gpu = the uint8 set resident on the run's device, augmented there (crop, flip, RandAugment, AutoAugment, erasing; not RandomResizedCrop/resizing/DDP); auto = gpu on CUDA when supported and the set fits in memory")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

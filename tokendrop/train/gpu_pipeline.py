@@ -1,14 +1,17 @@
 """The training data pipeline on the device (``data.pipeline: gpu``).
 
 The uint8 training set lives on the device; each batch is drawn by a seeded permutation and augmented
-there, per sample: random crop with zero padding, horizontal flip, normalisation, random erasing (random
+there, per sample, in the CPU pipeline's order: random crop with zero padding, horizontal flip, RandAugment,
+AutoAugment (CIFAR-10 policy; both from :mod:`.device_augment`), normalisation, random erasing (random
 normal fill), with the parameters and distributions of torchvision's ``RandomCrop(size, padding)``,
-``RandomHorizontalFlip()``, ``Normalize`` and ``RandomErasing(p, value="random")``. Mixup/CutMix stay
-timm's, which already mix on the batch's device. Written device-agnostic: the tests run it on the CPU.
+``RandomHorizontalFlip()``, ``RandAugment(num_ops, magnitude)``, ``AutoAugment(CIFAR10)``, ``Normalize``
+and ``RandomErasing(p, value="random")`` (the policies' ops are torchvision's tensor ops, not its PIL ones).
+Mixup/CutMix stay timm's, which already mix on the batch's device. Written device-agnostic: the tests run it
+on the CPU.
 
 Not done on the device (``auto`` keeps the CPU pipeline for them, ``gpu`` is an error naming them):
-RandAugment, AutoAugment, RandomResizedCrop, resizing (``data.img_size`` other than the native side),
-data sets not held in memory (``imagefolder``) and DDP.
+RandomResizedCrop, resizing (``data.img_size`` other than the native side), data sets not held in memory
+(``imagefolder``) and DDP.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .config import AugmentConfig, ConfigError
+from .device_augment import autoaugment, randaugment
 from .data import ArrayDataset, DatasetInfo
 
 DEVICE_MEMORY_FRACTION = 0.5
@@ -61,10 +65,6 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 def _unsupported(aug: AugmentConfig, info: DatasetInfo, img_size: int, world: int) -> list[str]:
     reasons = []
-    if aug.randaugment_ops > 0:
-        reasons.append("RandAugment (augment.randaugment_ops=0)")
-    if aug.autoaugment:
-        reasons.append("AutoAugment (augment.autoaugment=false)")
     if aug.random_resized_crop:
         reasons.append("RandomResizedCrop (augment.random_resized_crop=false)")
     if img_size and img_size != info.img_size:
@@ -198,6 +198,10 @@ class DeviceLoader:
             images = pad_crop(images, *crop_params(n, a.crop_padding, gen, dev), a.crop_padding)
         if a.hflip:
             images = hflip(images, torch.rand(n, generator=gen, device=dev) < 0.5)
+        if a.randaugment_ops > 0:
+            images = randaugment(images, a.randaugment_ops, a.randaugment_magnitude, gen)
+        if a.autoaugment:
+            images = autoaugment(images, gen)
         x = normalize(images, self.info.mean, self.info.std)
         if a.random_erasing > 0:
             params = erase_params(n, x.shape[2], x.shape[3], a.random_erasing, gen, dev)
