@@ -100,3 +100,16 @@ def test_bad_epochs_arguments(argv, flag, capsys):
     assert run(parse([*argv, "--no-progress"])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and flag in err[0] and "error" in err[0]
+
+
+def test_the_data_rate_is_the_pipeline_the_trainer_uses():
+    """With data.pipeline=gpu the batches are made on the device: that loader is timed, without workers."""
+    from tokendrop.bench.pipeline import data_throughput
+    from tokendrop.train.config import config_from_dict
+
+    base = {"data": {"dataset": "synthetic", "workers": 0, "synthetic": {"train_images": 64, "val_images": 8, "size": 16}},
+            "augment": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0}, "optim": {"batch_size": 16}, "run": {"device": "cpu"}}
+    on_device = data_throughput(config_from_dict({**base, "data": {**base["data"], "pipeline": "gpu"}}), batches=3)
+    workers = data_throughput(config_from_dict({**base, "data": {**base["data"], "pipeline": "cpu"}}), batches=3)
+    assert on_device.source.endswith("batches made on cpu") and on_device.workers == 0 and on_device.images_per_s > 0
+    assert "made on" not in workers.source and workers.images_per_s > 0

@@ -241,3 +241,14 @@ def test_loader_applies_randaugment_after_crop_and_flip_reproducibly():
     plain = G.DeviceLoader(arrays, train, info, dataclasses.replace(aug, randaugment_ops=0), 32, True, CPU)
     plain.generator.manual_seed(9)  # the same crops and flips without RandAugment: other images
     assert not torch.equal(x, next(iter(plain))[0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_masked_round_equals_a_gathered_one(channels):
+    """CUDA's sync-free rounds (every op on the whole batch, kept where chosen) give the CPU's result."""
+    x = images(64, channels, 24, 28, seed=5)
+    gen = torch.Generator().manual_seed(4)
+    for ops, mags in (A.randaugment_params(64, 2, 10, 24, 28, gen), A.autoaugment_params(64, 24, 28, gen)):
+        for round_ops, round_mags in zip(ops, mags):
+            torch.testing.assert_close(A.apply_ops(x, round_ops, round_mags, masked=True),
+                                       A.apply_ops(x, round_ops, round_mags, masked=False), atol=0, rtol=0)

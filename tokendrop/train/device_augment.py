@@ -253,14 +253,21 @@ def autoaugment_params(n: int, height: int, width: int, gen: torch.Generator) ->
     return torch.where(applied, ops, 0).T, torch.where(applied, mags, 0.0).T
 
 
-def apply_ops(images: Tensor, ops: Tensor, magnitudes: Tensor) -> Tensor:
-    """One round: sample ``k`` gets op ``OP_NAMES[ops[k]]`` at ``magnitudes[k]`` (each op kind runs once,
-    on the samples that chose it)."""
-    out = images.clone()
+def apply_ops(images: Tensor, ops: Tensor, magnitudes: Tensor, masked: bool | None = None) -> Tensor:
+    """One round: sample ``k`` gets op ``OP_NAMES[ops[k]]`` at ``magnitudes[k]``. Unmasked (the CPU's
+    default), each op kind runs on the samples that chose it; ``masked`` (elsewhere), each runs on the whole
+    batch (magnitude 0 where not chosen) and is kept where chosen: more arithmetic, but no host
+    synchronisation, so a CUDA pipeline stays queued ahead of the GPU."""
+    masked = images.device.type != "cpu" if masked is None else masked
+    out = images if masked else images.clone()
     for index, op in enumerate(OPS.values()):
-        chosen = (ops == index).nonzero()[:, 0]
-        if len(chosen):
-            out[chosen] = op(images[chosen], magnitudes[chosen])
+        chosen = ops == index
+        if masked:
+            out = torch.where(chosen.view(-1, 1, 1, 1), op(images, torch.where(chosen, magnitudes, 0.0)), out)
+            continue
+        rows = chosen.nonzero()[:, 0]
+        if len(rows):
+            out[rows] = op(images[rows], magnitudes[rows])
     return out
 
 
