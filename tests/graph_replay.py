@@ -68,9 +68,10 @@ class CpuGraphBackend:
         self.state = state
         self.warmups = self.captures = self.replays = 0
 
-    def warmup(self, fn: Callable[[], None]) -> None:
+    def warmup(self, fn: Callable[[], None], check: bool = False) -> str | None:
         self.warmups += 1
         fn()
+        return None  # the CPU has no sync debug mode: host syncs show when the capture fails
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         saved = [(t, t.detach().clone()) for t in self.state()]

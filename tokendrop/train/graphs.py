@@ -18,13 +18,15 @@ Captures share one memory pool; that is safe in any replay order because nothing
 read after its replay ends (its results go to tensors allocated outside the graphs).
 
 What cannot be captured runs eagerly, with a one-line notice: gradient saliency and reducers with
-private generators (:func:`tokendrop.reduction.capture_blockers`), DDP, and any step whose capture fails
-(a host synchronisation or a data-dependent shape inside the model).
+private generators (:func:`tokendrop.reduction.capture_blockers`), DDP, a step that synchronises with
+the host (seen by CUDA's sync debug mode in its last warm-up step, before any capture is tried), and any
+step whose capture fails.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,14 +56,28 @@ class CudaGraphBackend:
         self.device = device
         self.pool = None
 
-    def warmup(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` eagerly on a side stream, ordered after and before the current stream's work."""
+    def warmup(self, fn: Callable[[], None], check: bool = False) -> str | None:
+        """Run ``fn`` eagerly on a side stream, ordered after and before the current stream's work. With
+        ``check``, watch it with CUDA's sync debug mode and return what synchronised with the host (such
+        a step cannot be captured), else None."""
         main = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(main)
-        with torch.cuda.stream(side):
-            fn()
+        with warnings.catch_warnings(record=True) as caught, torch.cuda.stream(side):
+            warnings.simplefilter("always")
+            previous = torch.cuda.get_sync_debug_mode()
+            if check:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
         main.wait_stream(side)
+        syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+        for w in caught:  # pass the step's other warnings on
+            if "synchronizing" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return syncs[0].splitlines()[0] if syncs else None
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Record ``fn`` (nothing runs) and return the graph's replay."""
@@ -118,7 +134,9 @@ class StepGraphs:
                 return
             if self.warm.get(key, 0) < self.warmup:
                 self.warm[key] = self.warm.get(key, 0) + 1
-                self.backend.warmup(lambda: self.body(*inputs))
+                synced = self.backend.warmup(lambda: self.body(*inputs), check=self.warm[key] == self.warmup)
+                if synced:  # a capture would fail: say so now, before trying
+                    self._fall_back(synced)
                 return
             graph = self._capture(key, inputs)
             if graph is None:
@@ -134,15 +152,18 @@ class StepGraphs:
         try:
             replay = self.backend.capture(lambda: self.body(*static))
         except Exception as e:  # noqa: BLE001 — any failure means: not capturable; say so, run eagerly
-            self.failed = True
-            self.graphs.clear()
             self.on_failure()
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            self.notice(f"notice: run.cuda_graphs: the training step could not be captured ({reason}); it runs "
-                        f"eagerly from here on")
+            self._fall_back((str(e).strip().splitlines() or [type(e).__name__])[0])
             return None
         self.graphs[key] = graph = _Graph(static, replay)
         return graph
+
+    def _fall_back(self, reason: str) -> None:
+        """Run eagerly from now on, after a one-line notice."""
+        self.failed = True
+        self.graphs.clear()
+        self.notice(f"notice: run.cuda_graphs: the training step could not be captured ({reason}); it runs "
+                    f"eagerly from here on")
 
     def _sync_optimizer(self) -> None:
         """Give every parameter group a 0-d device LR that the graphs read, carrying over a value a
