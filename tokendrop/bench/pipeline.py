@@ -77,18 +77,11 @@ def data_throughput(cfg: Any, batches: int = 40, batch_size: int | None = None,
     if available >= burst:  # stay within one pass (a new pass restarts the workers)
         batches = min(batches, available // burst * burst)
     it = iter(loader)
-    done = 0
     try:
         for _ in range(burst):
             next(it)
         t0 = time.perf_counter()
-        for _ in range(batches):
-            try:
-                images, _ = next(it)
-            except StopIteration:
-                it = iter(loader)
-                images, _ = next(it)
-            done += images.shape[0]
+        done = _draw(loader, it, batches)
         elapsed = time.perf_counter() - t0
     finally:
         del it
@@ -101,10 +94,18 @@ def _device_throughput(loader: Any, batches: int, source: str) -> PipelineResult
     """Images per second of a :class:`~tokendrop.train.gpu_pipeline.DeviceLoader` over ``batches`` batches
     (one untimed batch first)."""
     loader.generator.manual_seed(0)
-    it, done = iter(loader), 0
+    it = iter(loader)
     next(it)
     synchronize(loader.device)
     t0 = time.perf_counter()
+    done = _draw(loader, it, batches)
+    synchronize(loader.device)
+    return PipelineResult(done / (time.perf_counter() - t0), batches, loader.batch_size, 0, source)
+
+
+def _draw(loader: Any, it: Any, batches: int) -> int:
+    """Draw ``batches`` batches from ``it``, restarting ``loader`` when a pass ends; the images drawn."""
+    done = 0
     for _ in range(batches):
         try:
             images, _ = next(it)
@@ -112,5 +113,4 @@ def _device_throughput(loader: Any, batches: int, source: str) -> PipelineResult
             it = iter(loader)
             images, _ = next(it)
         done += images.shape[0]
-    synchronize(loader.device)
-    return PipelineResult(done / (time.perf_counter() - t0), batches, loader.batch_size, 0, source)
+    return done
