@@ -181,3 +181,19 @@ def test_cuda_graphs_train_as_the_eager_step_does():
     assert isinstance(graphed.step.graphs, StepGraphs)
     assert_same_training(graphed, eager, graphed.train(16), eager.train(16), tol=1e-4)
     assert graphed.step.graphs.replays >= 16 - 4 * 3 and not graphed.step.graphs.failed
+
+
+def test_the_bench_times_replays_only():
+    """tokendrop bench's fixed-batch step runs a new keep count's warm-up and capture inside its first call."""
+    from tokendrop.bench.probe import FixedBatchStep
+    from tokendrop.train.graphs import WARMUP_STEPS
+
+    run = Run(tiny_model(), cpu_backend)
+    call = FixedBatchStep(run.step, torch.randn(BATCH, 1, 16, 16), torch.randint(0, 10, (BATCH,)))
+    call()
+    assert (run.step.steps, run.step.graphs.replays) == (WARMUP_STEPS + 1, 1)
+    call()
+    assert (run.step.steps, run.step.graphs.replays) == (WARMUP_STEPS + 2, 2)
+    td.set_epoch(run.model, 2)  # a new keep count: warm-up and capture again, in one call
+    call()
+    assert (run.step.steps, run.step.graphs.replays, run.step.graphs.backend.captures) == (2 * WARMUP_STEPS + 3, 3, 2)

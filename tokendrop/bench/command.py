@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global gradient-norm clipping of the training step (as optim.clip_grad); 0 = none (default)")
     parser.add_argument("--ema", default="off", metavar="RULE",
                         help="EMA update in the training step: off (default), torch_ema or none (the rules of ema.warmup)")
+    parser.add_argument("--cuda-graphs", default="on", metavar="on|off",
+                        help="capture and replay the step in CUDA graphs (as run.cuda_graphs, default on; CUDA "
+                             "only); each keep count's warm-up and capture run before its timed steps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (as run.compile: CUDA only; elsewhere a notice, and it runs eager)")
     parser.add_argument("--rounds", default="5", metavar="R", help="interleaved timing rounds (default 5)")
@@ -187,20 +190,23 @@ _GRID_ONLY = (("--model", "model", ["hybrid_vit_ptd"]), ("--drop-ratios", "drop_
               ("--epochs-timed", "epochs_timed", None))
 # How the training step is built (the grid's; a config's step is its own).
 _STEP_FLAGS = (("--amp", "amp", "auto"), ("--clip-grad", "clip_grad", "0"), ("--ema", "ema", "off"),
-               ("--compile", "compile", False))
+               ("--compile", "compile", False), ("--cuda-graphs", "cuda_graphs", "on"))
 
 
 def _check_step(args: argparse.Namespace) -> Any:
-    """The :class:`~tokendrop.bench.probe.StepSpec` of ``--amp``, ``--clip-grad``, ``--ema`` and ``--compile``."""
+    """The :class:`~tokendrop.bench.probe.StepSpec` of ``--amp``, ``--clip-grad``, ``--ema``, ``--compile`` and
+    ``--cuda-graphs``."""
     from .probe import AMP_MODES, EMA_RULES, StepSpec
 
-    for flag, value, allowed in (("--amp", args.amp, AMP_MODES), ("--ema", args.ema, EMA_RULES)):
+    for flag, value, allowed in (("--amp", args.amp, AMP_MODES), ("--ema", args.ema, EMA_RULES),
+                                 ("--cuda-graphs", args.cuda_graphs, ("on", "off"))):
         if value not in allowed:
             raise UsageError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
     (clip,) = _numbers([args.clip_grad], "--clip-grad", float)
     if clip < 0:
         raise UsageError(f"--clip-grad: {clip:g} is outside the allowed range [0, inf)")
-    return StepSpec(amp=args.amp, clip_grad=clip, ema=args.ema, compile=args.compile)
+    return StepSpec(amp=args.amp, clip_grad=clip, ema=args.ema, compile=args.compile,
+                    cuda_graphs=args.cuda_graphs == "on")
 
 
 def _check_tpc(args: argparse.Namespace) -> Options:
@@ -388,7 +394,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--set", s]
     parts += ["--device", args.device, "--rounds", str(args.rounds), "--warmup", str(args.warmup),
               "--memory-steps", str(args.memory_steps), "--amp", args.amp, "--clip-grad", str(args.clip_grad),
-              "--ema", args.ema]
+              "--ema", args.ema, "--cuda-graphs", args.cuda_graphs]
     if args.compile:
         parts += ["--compile"]
     if args.memory_blocks is not None:

@@ -15,6 +15,7 @@ from ..reduction import Schedule, attach, expected_patch_tokens, sites
 from ..reduction import reducer as build_reducer
 from ..train.ema import build_ema
 from ..train.optim import adamw_kernel, build_adamw, param_groups
+from ..train.graphs import WARMUP_STEPS
 from ..train.step import TrainStep
 from .flops import attached_macs
 
@@ -122,6 +123,7 @@ class StepSpec:
     ema: str = "off"  # off, or ema.warmup's rule: torch_ema, none
     ema_decay: float = 0.9999
     compile: bool = False  # run.compile: torch.compile the network, on CUDA only (as the trainer)
+    cuda_graphs: bool = True  # run.cuda_graphs: capture and replay the step, on CUDA only (as the trainer)
     lr: float = 1e-5
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -136,7 +138,7 @@ class StepSpec:
         """The step a config trains with (its cross-entropy without Mixup, and no distillation teacher)."""
         o = cfg.optim
         return cls(cfg.run.amp, o.clip_grad, cfg.ema.warmup if cfg.ema.enabled else "off", cfg.ema.decay,
-                   cfg.run.compile, o.lr, o.weight_decay, tuple(o.betas), o.label_smoothing, o.reducer_lr_scale,
+                   cfg.run.compile, cfg.run.cuda_graphs, o.lr, o.weight_decay, tuple(o.betas), o.label_smoothing, o.reducer_lr_scale,
                    o.backbone_lr_scale, o.backbone_freeze_epochs, o.trainable)
 
     def describe(self, device: torch.device) -> str:
@@ -145,7 +147,8 @@ class StepSpec:
         kernel = "fused" if adamw_kernel(device)["fused"] else "foreach"
         return (f"tokendrop.train.step.TrainStep: AdamW ({kernel}), amp {amp}, clip-grad {self.clip_grad:g}, "
                 f"EMA {self.ema if self.ema == 'off' else f'{self.ema} (decay {self.ema_decay:g})'}, "
-                f"compile {'on' if self.compile and device.type == 'cuda' else 'off'}")
+                f"compile {'on' if self.compile and device.type == 'cuda' else 'off'}, "
+                f"CUDA graphs {'on' if self.cuda_graphs and device.type == 'cuda' else 'off'}")
 
 
 def build_train_step(model: nn.Module, spec: StepSpec, device: torch.device) -> TrainStep:
@@ -158,7 +161,7 @@ def build_train_step(model: nn.Module, spec: StepSpec, device: torch.device) -> 
     optimizer = build_adamw(groups, spec.lr, tuple(spec.betas), device)
     net = torch.compile(model) if spec.compile and device.type == "cuda" else model
     return TrainStep(model, net, optimizer, nn.CrossEntropyLoss(label_smoothing=spec.label_smoothing), device,
-                     amp=spec.amp, clip_grad=spec.clip_grad, ema=ema)
+                     amp=spec.amp, clip_grad=spec.clip_grad, ema=ema, cuda_graphs=spec.cuda_graphs)
 
 
 class FixedBatchStep:
@@ -168,8 +171,15 @@ class FixedBatchStep:
         self.step, self.images, self.targets = step, images, targets
 
     def __call__(self) -> None:
+        """One step; with CUDA graphs, the first call at a new keep count also runs that count's warm-up
+        steps and capture, so that every timed call is a replay."""
         self.step.net.train()
-        self.step(self.images, self.targets)
+        graphs = self.step.graphs
+        for _ in range(WARMUP_STEPS + 2):
+            replays = graphs.replays if graphs is not None else 0
+            self.step(self.images, self.targets)
+            if graphs is None or graphs.failed or graphs.replays > replays or len(graphs.graphs) >= graphs.max_graphs:
+                return
 
 
 class InferStep:
