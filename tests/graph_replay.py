@@ -66,12 +66,15 @@ class CpuGraphBackend:
 
     def __init__(self, state: Callable[[], Iterable[torch.Tensor]]) -> None:
         self.state = state
-        self.warmups = self.captures = self.replays = 0
+        self.warmups = self.captures = self.replays = self.releases = 0
 
     def warmup(self, fn: Callable[[], None], check: bool = False) -> str | None:
         self.warmups += 1
         fn()
         return None  # the CPU has no sync debug mode: host syncs show when the capture fails
+
+    def release(self) -> None:
+        self.releases += 1
 
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         saved = [(t, t.detach().clone()) for t in self.state()]

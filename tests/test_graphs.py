@@ -136,11 +136,25 @@ def test_a_step_that_syncs_with_the_host_runs_eagerly_after_a_notice():
     assert graphed.step.graphs.failed and graphed.step.graphs.replays == 3
 
 
-def test_past_the_graph_limit_new_keep_counts_run_eagerly():
+def test_past_the_graph_limit_the_least_recent_graph_makes_room():
     eager, graphed = Run(tiny_model()), Run(tiny_model(), cpu_backend, warmup=1, max_graphs=1)
     assert_same_training(graphed, eager, graphed.train(12), eager.train(12))
-    assert graphed.step.graphs.backend.captures == 1 and graphed.step.graphs.replays == 3
-    assert len(graphed.notices) == 1 and "1 graphs are held" in graphed.notices[0]
+    graphs = graphed.step.graphs
+    assert (graphs.backend.captures, len(graphs.graphs), graphs.replays) == (3, 1, 9) and graphed.notices == []
+
+
+def test_signatures_that_never_repeat_end_in_the_eager_step():
+    """A keep fraction moved every step (DynamicViT under a per-step schedule) never gets a graph."""
+    from tokendrop.train.graphs import MAX_WARMING
+
+    calls, notices = [], []
+    graphs = StepGraphs(lambda *x: calls.append(1), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1),
+                        torch.device("cpu"), backend=CpuGraphBackend(lambda: []), notice=notices.append)
+    x = torch.zeros(2)
+    for k in range(MAX_WARMING + 5):
+        graphs((k,), x, x, x)
+    assert len(calls) == MAX_WARMING + 5 and graphs.failed and graphs.backend.captures == 0
+    assert len(notices) == 1 and "do not repeat" in notices[0]
 
 
 def test_gradient_saliency_and_private_generators_are_not_captured():
@@ -170,7 +184,7 @@ def test_a_loaded_optimizer_state_drops_the_graphs():
     assert run.step.graphs.graphs
     run.opt.load_state_dict(copy.deepcopy(run.opt.state_dict()))  # new groups and state tensors
     run.step.graphs._sync_optimizer()
-    assert not run.step.graphs.graphs
+    assert not run.step.graphs.graphs and run.step.graphs.backend.releases == 2  # the first sync, and this one
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,9 +4,11 @@ launch instead of hundreds of kernel launches.
 
 What one graph serves: steps whose inputs have the same shapes and whose reduction sites plan the same
 work (:func:`tokendrop.reduction.step_signature`: keep counts, plus the keep fraction where a reducer
-reads it). A curriculum changes its keep count at most once per token, so a run needs a few dozen graphs
-at most (the granularity is one token, whether the schedule is per epoch or per step); past
-:data:`MAX_GRAPHS` the remaining signatures run eagerly, with a notice.
+reads it). A curriculum changes its keep count at most once per token (the granularity is one token,
+whether the schedule is per epoch or per step), and it moves one way, so at most :data:`MAX_GRAPHS` are
+held: a new one replaces the least recently replayed. A signature that never repeats (a reducer that
+reads the keep fraction under a per-step schedule, which moves it every step) is never captured; after
+:data:`MAX_WARMING` of them the step runs eagerly, with a notice.
 
 How a signature is served: its first :data:`WARMUP_STEPS` steps run eagerly on a side stream (lazy
 initialisation, cuDNN and ``torch.compile`` happen there, as PyTorch's CUDA-graphs notes ask), the next
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +39,10 @@ WARMUP_STEPS = 3
 """Eager steps of each signature before it is captured."""
 
 MAX_GRAPHS = 64
-"""Graphs kept at most; further signatures run eagerly."""
+"""Graphs held at most; a new one replaces the least recently replayed."""
+
+MAX_WARMING = 256
+"""Signatures still in their warm-up at most; past it the signatures do not repeat, and the step runs eagerly."""
 
 _HYPER = ("betas", "weight_decay", "eps", "amsgrad", "maximize")
 """Optimizer settings a graph bakes in; if one changes, the graphs are captured again."""
@@ -79,11 +85,21 @@ class CudaGraphBackend:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return syncs[0].splitlines()[0] if syncs else None
 
+    def release(self) -> None:
+        """Every graph was dropped: the next capture starts a new pool (a pool must not be reused once
+        no graph holds it)."""
+        self.pool = None
+
     def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
         """Record ``fn`` (nothing runs) and return the graph's replay."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            fn()
+        entry = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                fn()
+        except Exception:
+            torch.cuda.set_stream(entry)  # a failed capture_end leaves the capture stream current
+            raise
         if self.pool is None:
             self.pool = graph.pool()
         return graph.replay
@@ -106,14 +122,13 @@ class StepGraphs:
         self.body, self.optimizer, self.device = body, optimizer, device
         self.backend = backend if backend is not None else CudaGraphBackend(device)
         self.warmup, self.max_graphs, self.notice, self.on_failure = warmup, max_graphs, notice, on_failure
-        self.graphs: dict[tuple, _Graph] = {}
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()  # least recently replayed first
         self.warm: dict[tuple, int] = {}
         self.failed = False
         self.replays = 0
         self._group_ids: list[int] = []
         self._lrs: list[torch.Tensor] = []
         self._hyper: list[tuple] = []
-        self._full_noticed = False
 
     def __call__(self, signature: tuple, images: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> None:
         """Train on one batch: eagerly, by capturing its signature's graph, or by replaying it."""
@@ -125,14 +140,11 @@ class StepGraphs:
         key = (signature, *((x.shape, x.dtype) for x in inputs))
         graph = self.graphs.get(key)
         if graph is None:
-            if len(self.graphs) >= self.max_graphs:
-                if not self._full_noticed:
-                    self._full_noticed = True
-                    self.notice(f"notice: run.cuda_graphs: {self.max_graphs} graphs are held; steps with new keep "
-                                f"counts or batch shapes run eagerly")
-                self.body(*inputs)
-                return
             if self.warm.get(key, 0) < self.warmup:
+                if key not in self.warm and len(self.warm) >= MAX_WARMING:
+                    self._fall_back(f"{MAX_WARMING} keep-count signatures seen once or twice: they do not repeat")
+                    self.body(*inputs)
+                    return
                 self.warm[key] = self.warm.get(key, 0) + 1
                 synced = self.backend.warmup(lambda: self.body(*inputs), check=self.warm[key] == self.warmup)
                 if synced:  # a capture would fail: say so now, before trying
@@ -142,6 +154,7 @@ class StepGraphs:
             if graph is None:
                 self.body(*inputs)
                 return
+        self.graphs.move_to_end(key)
         for static, x in zip(graph.inputs, inputs):
             static.copy_(x)
         graph.replay()
@@ -155,13 +168,21 @@ class StepGraphs:
             self.on_failure()
             self._fall_back((str(e).strip().splitlines() or [type(e).__name__])[0])
             return None
+        self.warm.pop(key, None)
         self.graphs[key] = graph = _Graph(static, replay)
+        if len(self.graphs) > self.max_graphs:  # after the capture: the shared pool always has a live graph
+            self.graphs.popitem(last=False)
         return graph
+
+    def _drop_graphs(self) -> None:
+        """Drop every graph; the next capture starts a new pool."""
+        self.graphs.clear()
+        self.backend.release()
 
     def _fall_back(self, reason: str) -> None:
         """Run eagerly from now on, after a one-line notice."""
         self.failed = True
-        self.graphs.clear()
+        self._drop_graphs()
         self.notice(f"notice: run.cuda_graphs: the training step could not be captured ({reason}); it runs "
                     f"eagerly from here on")
 
@@ -169,16 +190,12 @@ class StepGraphs:
         """Give every parameter group a 0-d device LR that the graphs read, carrying over a value a
         scheduler assigned since; mark the groups capturable; drop the graphs if a baked-in setting changed."""
         groups = self.optimizer.param_groups
-        ids = [id(g) for g in groups]
-        if ids != self._group_ids:  # first call, or a loaded state dict replaced the groups and the state
-            self.graphs.clear()
-            self._group_ids = ids
-            self._lrs = [torch.tensor(float(g["lr"]), device=self.device) for g in groups]
-            self._hyper = []
-        hyper = [tuple(g.get(k) for k in _HYPER) for g in groups]
-        if hyper != self._hyper:
-            self.graphs.clear()
-            self._hyper = hyper
+        ids, hyper = [id(g) for g in groups], [tuple(g.get(k) for k in _HYPER) for g in groups]
+        if ids != self._group_ids or hyper != self._hyper:  # first call, a loaded state dict, a new setting
+            self._drop_graphs()
+            if ids != self._group_ids:
+                self._lrs = [torch.tensor(float(g["lr"]), device=self.device) for g in groups]
+            self._group_ids, self._hyper = ids, hyper
         for group, lr in zip(groups, self._lrs):
             group["capturable"] = True
             if group["lr"] is not lr:

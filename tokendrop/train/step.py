@@ -41,7 +41,7 @@ def autocast_context(device: torch.device, amp: str, cache: bool = True) -> cont
 def graph_blockers(model: nn.Module, net: nn.Module) -> list[str]:
     """Why the step through ``model`` (run as ``net``) cannot be captured in a CUDA graph; empty if it can."""
     reasons = red.capture_blockers(model)
-    if isinstance(net, nn.parallel.DistributedDataParallel):
+    if isinstance(getattr(net, "_orig_mod", net), nn.parallel.DistributedDataParallel):  # compiled or not
         reasons.append("DDP")
     return reasons
 
