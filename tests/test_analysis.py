@@ -301,15 +301,6 @@ FINETUNE = ["--finetune-epochs", "1", "--finetune-set", "data.train_subset=64", 
             "data.val_subset=16", "run.threads=1"]
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (two contend badly on a shared machine); the fine-tunes' run.threads=1 sets it too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _plain_accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
         return 100.0 * (model.eval()(images).argmax(1) == labels).float().mean().item()

@@ -29,14 +29,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@pytest.fixture
-def one_thread():
-    """The command sets torch's thread count; restore it afterwards."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------------ closed forms
 def tiny_macs(kept: int | None, block: int, num_classes: int = 100, in_chans: int = 3) -> int:
     """hybrid_vit_tiny at 32 px by hand: stem 3→16 (s2) → 32 (s1) → 96 (s2), 8×8 = 64 patches + CLS,
@@ -155,7 +147,7 @@ def test_drop_points_and_per_step():
 
 
 # -------------------------------------------------------------------------------------- command
-def test_command_tiny_run(tmp_path, capsys, one_thread):
+def test_command_tiny_run(tmp_path, capsys, restore_threads):
     cfg_path = tmp_path / "tiny.yaml"
     import yaml
 
@@ -237,7 +229,7 @@ def test_missing_cuda_is_a_usage_error(capsys):
     assert "--device" in capsys.readouterr().err
 
 
-def test_reducer_option_benchmarks_any_method(tmp_path, capsys, one_thread):
+def test_reducer_option_benchmarks_any_method(tmp_path, capsys, restore_threads):
     out = tmp_path / "bench.json"
     rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
                     "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "data", "--reducer", "topk",
@@ -254,7 +246,7 @@ def test_reducer_option_benchmarks_any_method(tmp_path, capsys, one_thread):
     assert "no argument 'scroe'" in capsys.readouterr().err
 
 
-def test_tome_table_counts_and_ideal(tmp_path, one_thread):
+def test_tome_table_counts_and_ideal(tmp_path, restore_threads):
     """ToMe's r table: tokens leaving the last block follow the official cap (at most half the patch tokens
     per block), the ideal is the ratio of analytic MACs, and r = 0 is the baseline of the paired timing."""
     model = build_model("hybrid_vit_tiny", num_classes=10)  # 4 blocks, 64 patch tokens at 32 px
@@ -361,7 +353,7 @@ def test_memory_probe_builds_the_same_step():
     assert fixed.step.max_norm == 0.25 and fixed.step.ema is not None and fixed.step.optimizer.defaults["fused"]
 
 
-def test_step_flags_in_report(tmp_path, capsys, one_thread):
+def test_step_flags_in_report(tmp_path, capsys, restore_threads):
     out = tmp_path / "bench.json"
     rc = run(parse(["--model", "hybrid_vit_tiny", "--batch-sizes", "2", "--drop-ratios", "0.5", "--rounds", "1",
                     "--warmup", "0", "--threads", "1", "--skip", "memory", "overheads", "counts", "inference",

@@ -3,34 +3,22 @@ end-to-end run on synthetic data and argument errors. No timing assertions."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from tokendrop.bench.command import add_arguments, run
+from tokendrop.bench.command import run
 from tokendrop.bench.epochs import (ARITHMETIC_GAIN_FRACTION, DATA_BOUND_FRACTION, STEP_HEADROOM,
                                     constant_drop_config, final_drop_ratio, verdict)
 from tokendrop.train.config import load_config
 from tokendrop.train.trainer import token_drop_schedule
 
+from test_bench import parse
+
 TINY = ["data.dataset=synthetic", "data.synthetic.channels=1", "data.synthetic.size=28", "data.synthetic.classes=10",
         "data.synthetic.train_images=64", "data.synthetic.val_images=16", "data.workers=0", "optim.batch_size=16",
         "optim.eval_batch_size=16"]
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tokendrop bench")
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def test_verdict_outcomes():
@@ -64,7 +52,7 @@ def test_constant_drop_config():
     assert off.token_drop.enabled and token_drop_schedule(off)(0) == 0.0
 
 
-def test_epochs_timed_end_to_end(tmp_path, capsys, one_thread):
+def test_epochs_timed_end_to_end(tmp_path, capsys, restore_threads):
     out = tmp_path / "epochs.json"
     argv = ["--config", "fashion_mnist_ptd", *[x for s in TINY for x in ("--set", s)], "--epochs-timed", "1",
             "--rounds", "1", "--warmup", "0", "--data-batches", "1", "--threads", "1", "--device", "cpu",

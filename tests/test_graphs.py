@@ -21,12 +21,7 @@ from graph_replay import CpuGraphBackend
 LR, BETAS, WD, CLIP, BATCH = 2e-3, (0.9, 0.999), 0.05, 0.5, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(reducer: str = "topk", **args) -> torch.nn.Module:

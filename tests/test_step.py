@@ -19,13 +19,7 @@ from tokendrop.train.step import TrainStep
 LR, BETAS, WD, EPS, CLIP = 2e-3, (0.9, 0.999), 0.05, 1e-8, 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread (two threads on a busy shared machine spin far longer than they compute)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model() -> torch.nn.Module:

@@ -486,6 +486,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def with_end_load(report: dict) -> dict:
+    """``report`` with the machine's load average at the end of the measurement (where the OS reports one)."""
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    return report
+
+
 def measure(opts: Options, progress: bool = True) -> dict:
     """Every measurement of a checked :class:`Options`, as a JSON-ready dict."""
     import torch
@@ -582,9 +589,7 @@ def measure(opts: Options, progress: bool = True) -> dict:
                 report["data_pipeline"].append(pipe)
     finally:
         bar.close()
-    if hasattr(os, "getloadavg"):
-        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    return report
+    return with_end_load(report)
 
 
 TPC_NOTES = [
@@ -621,9 +626,7 @@ def measure_tpc(opts: Options, progress: bool = True) -> dict:
               "settings": {"tpc": opts.tpc, "batch_sizes": opts.batch_sizes, "rounds": opts.rounds,
                            "warmup": opts.warmup, "tpc_images": opts.tpc_images, "seed": opts.seed},
               "tpc": result, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
-    if hasattr(os, "getloadavg"):
-        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    return report
+    return with_end_load(report)
 
 
 EPOCHS_NOTES = [
@@ -663,9 +666,7 @@ def measure_epochs_report(opts: Options, progress: bool = True) -> dict:
                            "warmup_epochs": epochs.WARMUP_EPOCHS, "drop_ratios": opts.drops, "rounds": opts.rounds,
                            "warmup": opts.warmup, "data_batches": opts.data_batches, "seed": opts.seed},
               "epochs": results, "rows": [], "overheads": [], "projections": [], "data_pipeline": []}
-    if hasattr(os, "getloadavg"):
-        report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    return report
+    return with_end_load(report)
 
 
 def project_config(cname: str, cfg: Any, opts: Options, tick: Any) -> tuple[dict, dict | None]:
